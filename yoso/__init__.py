@@ -1,0 +1,18 @@
+"""YOSO-LoRA: one- and two-step Stable Diffusion 1.5 via a self-cooperative diffusion GAN (arXiv 2403.12931).
+
+One concept per module:
+
+- ``schedule``      noise schedule, x0 from UNet output, LCM boundary scalings, loss weights
+- ``unet_encoder``  the UNet's encoder half (feature net F, discriminator trunk), adapter/checkpointing switches
+- ``discriminator`` D: encoder half + GroupNorm + attention pooling head
+- ``losses``        consistency, data ("KL") and GAN losses
+- ``ema``           in-place fp32 EMA of the LoRA
+- ``lora``          LoRA config, targets, save/load in diffusers format
+- ``data``          prompt files and the resumable, rank-sharded prompt sampler
+- ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents; latent statistics
+- ``step``          one YOSO training step (the D update, the G update, EMA)
+- ``checks``        command-line validation that fails in one line before any model loads
+- ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
+"""
+
+__version__ = "0.1.0"
