@@ -1,0 +1,90 @@
+"""Prompts: reading the prompt file, and the order in which each rank sees them.
+
+The order is a pure function of (seed, epoch, rank, world size), so a run resumed from a checkpoint
+sees exactly the batches the uninterrupted run would have seen: the position to resume from is just
+the number of batches already consumed.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message is one line naming the file and the fix."""
+
+
+def read_prompts(path, caption_column="prompt", max_samples=None):
+    """Prompts from a ``.jsonl`` file (one JSON object a line, text in ``caption_column``) or a text file
+    (one prompt a line). Blank lines are skipped; a malformed JSON line is an error naming its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"--train_data {path}: no such file (make one with prepare_journeydb.py)")
+    prompts = []
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                if path.suffix == ".jsonl":
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise PromptFileError(f"--train_data {path}:{line_number}: malformed JSON ({error.msg})") from None
+                    if not isinstance(record, dict) or caption_column not in record:
+                        raise PromptFileError(
+                            f"--train_data {path}:{line_number}: no {caption_column!r} field (set --caption_column)"
+                        )
+                    text = str(record[caption_column]).strip()
+                else:
+                    text = line
+                if text:
+                    prompts.append(text)
+                if max_samples is not None and len(prompts) >= max_samples:
+                    break
+        except UnicodeDecodeError as error:
+            raise PromptFileError(f"--train_data {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not prompts:
+        raise PromptFileError(f"--train_data {path}: no prompts in the file")
+    return prompts
+
+
+class ShardedPromptSampler:
+    """Batches of prompt indices for one rank: every epoch a fresh permutation (seeded by seed + epoch),
+    cut into global batches of ``batch_size * world_size``; rank r takes its slice of each.
+
+    The incomplete last global batch of an epoch is dropped so that every rank runs the same number of
+    steps (a rank waiting on a collective that another rank never reaches would hang).
+    """
+
+    def __init__(self, num_prompts, batch_size, world_size=1, rank=0, seed=0):
+        self.num_prompts = num_prompts
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.batches_per_epoch = num_prompts // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise PromptFileError(
+                f"--train_data holds {num_prompts} prompts, fewer than one global batch "
+                f"({batch_size} x {world_size} processes): lower --train_batch_size or add prompts"
+            )
+
+    def epoch_batches(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_prompts, generator=generator)
+        global_size = self.batch_size * self.world_size
+        for b in range(self.batches_per_epoch):
+            start = b * global_size + self.rank * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+
+    def batches(self, start_batch=0):
+        """Yield ``(epoch, batch_in_epoch, indices)`` forever, starting after ``start_batch`` batches."""
+        epoch, offset = divmod(start_batch, self.batches_per_epoch)
+        while True:
+            for b, indices in enumerate(self.epoch_batches(epoch)):
+                if b >= offset:
+                    yield epoch, b, indices
+            epoch, offset = epoch + 1, 0
