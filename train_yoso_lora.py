@@ -9,19 +9,21 @@ Reads top to bottom: arguments and checks, models, optimizers and data, the loop
 """
 
 import argparse
+import gc
 import logging
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from yoso.checks import ArgumentError, preflight
+from yoso.checkpoint import latest_checkpoint
 from yoso.data import PromptFileError
 from yoso.lora import DEFAULT_TARGET_MODULES
 from yoso.losses import GAN_REDUCTIONS
+from yoso.step import NonFiniteLossError
 
 logger = logging.getLogger("train_yoso_lora")
 
@@ -138,23 +140,6 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from yoso import checkpoint as ckpt
-    from yoso.data import ShardedPromptSampler
-    from yoso.discriminator import Discriminator
-    from yoso.ema import LoRAEMA
-    from yoso.lora import add_lora, load_lora_into_unet, lora_named_parameters, save_lora
-    from yoso.schedule import YOSOSchedule
-    from yoso.step import NonFiniteLossError, YOSOLossConfig, YOSOTrainingStep
-    from yoso.teacher import LATENT_STATS_NAME, LatentStats, TeacherLatents, load_teacher
-    from yoso.unet_encoder import FeatureNet
-    from yoso.validation import generate_validation_images, save_and_log_validation
 
     global logger
     output_dir = Path(args.output_dir)
@@ -177,40 +162,51 @@ def main(argv=None):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
+    try:
+        train(args, prompts, accelerator, output_dir)
+    except NonFiniteLossError as error:
+        # Nothing is saved on this path: the last checkpoint and any earlier outputs stay as they were.
+        last = latest_checkpoint(output_dir)
+        accelerator.print(
+            f"train_yoso_lora.py: error: {error}; training stopped and nothing was written. "
+            f"Last good checkpoint: {last or 'none'}. Lower --learning_rate, or resume with another --seed."
+        )
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.end_training()
+        sys.exit(1)
+    # Free the models (train's locals and the accelerator's references) before end_training: tearing
+    # down the process group with them alive aborts some multi-process runs at exit.
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def train(args, prompts, accelerator, output_dir):
+    from diffusers.optimization import get_scheduler
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from yoso import checkpoint as ckpt
+    from yoso.data import ShardedPromptSampler
+    from yoso.ema import LoRAEMA
+    from yoso.lora import load_lora_into_unet, lora_named_parameters, save_lora
+    from yoso.models import load_models, make_optimizers
+    from yoso.step import YOSOLossConfig, YOSOTrainingStep
+    from yoso.teacher import LATENT_STATS_NAME, LatentStats
+    from yoso.validation import generate_validation_images, save_and_log_validation
+
     # ---- models -------------------------------------------------------------------------------------
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    base = args.pretrained_model_name_or_path
-    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **hub)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)  # validation only
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **hub)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
-    schedule = YOSOSchedule.from_scheduler(noise_scheduler, args.prediction_type)
-    for frozen_model in (text_encoder, vae, unet):
-        frozen_model.requires_grad_(False)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()  # before D copies the encoder, so D checkpoints too
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    discriminator = Discriminator(unet, args.resolution, vae_scale)  # from the base weights, before the LoRA
-    add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-
-    # Frozen weights in the compute dtype; the LoRA and D train in fp32.
-    unet.to(accelerator.device, dtype=weight_dtype)
-    cast_training_params(unet, dtype=torch.float32)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    discriminator.to(accelerator.device, dtype=torch.float32)
-    teacher = load_teacher(args.pretrained_teacher_model, weight_dtype, accelerator.device, cache_dir=args.cache_dir)
-    latent_source = TeacherLatents(teacher, args.teacher_num_inference_steps, args.teacher_guidance_scale)
-    latent_shape = (unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
-
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-        teacher.enable_xformers_memory_efficient_attention()
-        for module in discriminator.modules():
-            if hasattr(module, "set_use_memory_efficient_attention_xformers"):
-                module.set_use_memory_efficient_attention_xformers(True)
+    models = load_models(
+        args.pretrained_model_name_or_path, args.pretrained_teacher_model, args.resolution, accelerator.device,
+        weight_dtype, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.gradient_checkpointing,
+        args.prediction_type, args.teacher_num_inference_steps, args.teacher_guidance_scale,
+        args.revision, args.variant, args.cache_dir, args.enable_xformers_memory_efficient_attention,
+    )
+    tokenizer, text_encoder, vae = models.tokenizer, models.text_encoder, models.vae
+    unet, discriminator = models.unet, models.discriminator
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -219,18 +215,8 @@ def main(argv=None):
     scale = args.gradient_accumulation_steps * args.train_batch_size * world if args.scale_lr else 1
     lr_g = args.learning_rate * scale
     lr_d = (args.discriminator_learning_rate or args.learning_rate) * scale
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        adamw = bnb.optim.AdamW8bit
-    else:
-        adamw = torch.optim.AdamW
-    lora_parameters = [p for _, p in lora_named_parameters(unet)]
-    optimizer_g = adamw(lora_parameters, lr=lr_g, betas=(args.adam_beta1, args.adam_beta2),
-                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    # D: beta1 = 0 as in the paper (no momentum for the adversary); plain AdamW.
-    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=lr_d, betas=(0.0, args.adam_beta2),
-                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer_g, optimizer_d = make_optimizers(unet, discriminator, lr_g, lr_d, (args.adam_beta1, args.adam_beta2),
+                                               args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
 
     sampler = ShardedPromptSampler(len(prompts), args.train_batch_size, world, accelerator.process_index, args.seed)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / args.gradient_accumulation_steps)
@@ -245,7 +231,7 @@ def main(argv=None):
     discriminator_module = accelerator.unwrap_model(discriminator)
 
     ema = LoRAEMA(lora_named_parameters(unet_module), args.ema_decay) if args.use_ema else None
-    latent_stats = LatentStats(latent_shape)
+    latent_stats = LatentStats(models.latent_shape)
     state = TrainState()
     for obj in [state, latent_stats] + ([ema] if ema is not None else []):
         accelerator.register_for_checkpointing(obj)
@@ -288,11 +274,11 @@ def main(argv=None):
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
 
     trainer = YOSOTrainingStep(
-        accelerator, unet, discriminator, FeatureNet(unet_module), text_encoder, latent_source, schedule,
+        accelerator, unet, discriminator, models.feature_net, text_encoder, models.latent_source, models.schedule,
         optimizer_g, optimizer_d, lr_scheduler, ema,
         YOSOLossConfig(args.lambda_con, args.lambda_kl, args.lambda_adv, args.snr_gamma, args.coop_gap,
                        args.consistency_gap, args.gan_loss_reduction, args.noise_offset, args.max_grad_norm),
-        latent_shape, seed=args.seed,
+        models.latent_shape, seed=args.seed,
     )
 
     def tokenize(indices):
@@ -323,7 +309,10 @@ def main(argv=None):
             batch = {"prompts": batch_prompts, "input_ids": input_ids, "indices": indices, "epoch": epoch}
             generator = step_generator(args.seed, state.micro_steps, accelerator.process_index)
             with accelerator.accumulate(unet, discriminator):
-                logs = trainer.step(batch, generator)
+                try:
+                    logs = trainer.step(batch, generator)
+                except NonFiniteLossError as error:
+                    raise NonFiniteLossError(f"at step {state.global_step + 1}, {error}") from None
             state.micro_steps += 1
             latent_stats.update(accelerator.gather(logs.pop("x0")))
             grad_norm = logs.pop("grad_norm")
@@ -346,21 +335,14 @@ def main(argv=None):
             if args.validation_prompts and state.global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:
                     columns, images = generate_validation_images(
-                        unet_module, vae, text_encoder, tokenizer, noise_scheduler.config, args.validation_prompts,
+                        unet_module, vae, text_encoder, tokenizer, models.noise_scheduler.config, args.validation_prompts,
                         args.seed, args.resolution, accelerator.device, accelerator.autocast, ema)
                     path = save_and_log_validation(accelerator, columns, images, args.validation_prompts,
                                                    state.global_step, output_dir)
                     logger.info(f"validation images: {path}")
                 accelerator.wait_for_everyone()
-    except NonFiniteLossError as error:
-        last = ckpt.latest_checkpoint(output_dir)
-        accelerator.print(
-            f"train_yoso_lora.py: error: at step {state.global_step + 1} the {error}; training stopped and nothing "
-            f"was written. Last good checkpoint: {last or 'none'}. Lower --learning_rate, or resume with another --seed."
-        )
-        accelerator.end_training()
-        sys.exit(1)
-    progress.close()
+    finally:
+        progress.close()
 
     # ---- outputs ------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -380,10 +362,6 @@ def main(argv=None):
             repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
             upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
                           ignore_patterns=["checkpoint-*", "*.incomplete", "logs/*"], commit_message="YOSO-LoRA")
-    # Free the models before end_training: tearing down the process group with them alive aborts some runs.
-    del trainer, unet, discriminator, unet_module, discriminator_module, teacher, latent_source, text_encoder, vae
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 def _prefetch_tokenized(batches, tokenize, num_workers):
