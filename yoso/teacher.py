@@ -49,7 +49,7 @@ def load_teacher(path, dtype, device, revision=None, variant=None, cache_dir=Non
     from diffusers import AutoPipelineForText2Image
 
     pipeline = AutoPipelineForText2Image.from_pretrained(
-        path, torch_dtype=dtype, revision=revision, variant=variant, cache_dir=cache_dir
+        path, dtype=dtype, revision=revision, variant=variant, cache_dir=cache_dir
     )
     for name in ("safety_checker", "feature_extractor", "image_encoder"):
         if getattr(pipeline, name, None) is not None:

@@ -1,0 +1,91 @@
+"""Builds a YOSOTrainingStep in-process, the way train_yoso_lora.py does, for step-level tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fresh_accelerator(**kwargs):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Each test may want another precision / accumulation; accelerate's state is a process singleton.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(cpu=True, **kwargs)
+
+
+def build_trainer(base, teacher, mixed_precision="no", gradient_accumulation_steps=1, gradient_checkpointing=False,
+                  use_ema=True, ema_decay=0.9, lr=1e-3, lora_rank=4, teacher_steps=1, seed=0, resolution=64, **config):
+    from diffusers.optimization import get_scheduler
+
+    from yoso.ema import LoRAEMA
+    from yoso.lora import lora_named_parameters
+    from yoso.models import load_models, make_optimizers
+    from yoso.step import YOSOLossConfig, YOSOTrainingStep
+
+    accelerator = fresh_accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
+    torch.manual_seed(seed)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    models = load_models(base, teacher, resolution, accelerator.device, weight_dtype, lora_rank=lora_rank, lora_alpha=8,
+                         gradient_checkpointing=gradient_checkpointing, teacher_num_inference_steps=teacher_steps)
+    optimizer_g, optimizer_d = make_optimizers(models.unet, models.discriminator, lr, lr)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer_g)
+    unet, discriminator, optimizer_g, optimizer_d, lr_scheduler = accelerator.prepare(
+        models.unet, models.discriminator, optimizer_g, optimizer_d, lr_scheduler)
+    ema = LoRAEMA(lora_named_parameters(models.unet), ema_decay) if use_ema else None
+    trainer = YOSOTrainingStep(accelerator, unet, discriminator, models.feature_net, models.text_encoder,
+                               models.latent_source, models.schedule, optimizer_g, optimizer_d, lr_scheduler, ema,
+                               YOSOLossConfig(**config), models.latent_shape, seed=seed)
+    return trainer, models
+
+
+def make_batch(models, prompts, epoch=0, start_index=0):
+    ids = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+    return {"prompts": prompts, "input_ids": ids, "indices": list(range(start_index, start_index + len(prompts))),
+            "epoch": epoch}
+
+
+PROMPTS = ["a red fox in the snow", "an old lighthouse at dusk", "a bowl of ramen", "a tiny robot"]
+
+
+def write_prompts(path, prompts=None, n=48):
+    import json
+
+    prompts = prompts or [f"{PROMPTS[i % len(PROMPTS)]}, variation {i}" for i in range(n)]
+    Path(path).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
+def launch(args, num_processes=1, env=None, timeout=600, script="train_yoso_lora.py"):
+    """Run a script under ``accelerate launch`` on CPU (1 process, or several with gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        cmd += ["--multi_gpu"]
+    cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", str(REPO / script)] + [str(a) for a in args]
+    full_env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def tiny_train_args(base, teacher, train_data, output_dir, steps=6, **extra):
+    args = ["--pretrained_model_name_or_path", base, "--pretrained_teacher_model", teacher,
+            "--train_data", train_data, "--resolution", "64", "--output_dir", output_dir,
+            "--train_batch_size", "4", "--max_train_steps", str(steps), "--lora_rank", "4",
+            "--learning_rate", "1e-3", "--seed", "0"]
+    for key, value in extra.items():
+        flag = "--" + key
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
