@@ -21,6 +21,7 @@ import torch
 from yoso.checks import ArgumentError, preflight
 from yoso.checkpoint import latest_checkpoint
 from yoso.data import PromptFileError
+from yoso.latent_cache import LatentCacheError, check_cache_for_run
 from yoso.lora import DEFAULT_TARGET_MODULES
 from yoso.losses import GAN_REDUCTIONS
 from yoso.step import NonFiniteLossError
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     # Teacher
     p.add_argument("--teacher_num_inference_steps", type=int, default=1)
     p.add_argument("--teacher_guidance_scale", type=float, default=0.0)
+    p.add_argument("--teacher_latent_cache", default=None, metavar="DIR",
+                   help="Train from latents made by precompute_teacher_latents.py (same teacher, resolution, teacher "
+                        "settings, --seed, prompts) instead of running the teacher; epochs past the cache reuse it cyclically.")
     # Method (SPEC sections 2 and 4)
     p.add_argument("--lambda_con", type=float, default=2.0, help="Weight of the latent perceptual consistency loss.")
     p.add_argument("--lambda_kl", type=float, default=0.5, help="Weight of the MSE to the teacher latents.")
@@ -132,7 +136,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         prompts = preflight(args)
-    except (ArgumentError, PromptFileError) as error:
+        if args.teacher_latent_cache:
+            check_cache_for_run(args, prompts)
+    except (ArgumentError, PromptFileError, LatentCacheError) as error:
         sys.exit(f"train_yoso_lora.py: error: {error}")
 
     import diffusers
@@ -167,10 +173,10 @@ def main(argv=None):
     except NonFiniteLossError as error:
         # Nothing is saved on this path: the last checkpoint and any earlier outputs stay as they were.
         last = latest_checkpoint(output_dir)
-        accelerator.print(
-            f"train_yoso_lora.py: error: {error}; training stopped and nothing was written. "
-            f"Last good checkpoint: {last or 'none'}. Lower --learning_rate, or resume with another --seed."
-        )
+        if accelerator.is_main_process:
+            print(f"train_yoso_lora.py: error: {error}; training stopped and nothing was written. "
+                  f"Last good checkpoint: {last or 'none'}. Lower --learning_rate, or resume with another --seed.",
+                  file=sys.stderr)
         accelerator.free_memory()
         gc.collect()
         accelerator.end_training()
@@ -200,7 +206,8 @@ def train(args, prompts, accelerator, output_dir):
     # ---- models -------------------------------------------------------------------------------------
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     models = load_models(
-        args.pretrained_model_name_or_path, args.pretrained_teacher_model, args.resolution, accelerator.device,
+        args.pretrained_model_name_or_path, None if args.teacher_latent_cache else args.pretrained_teacher_model,
+        args.resolution, accelerator.device,
         weight_dtype, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.gradient_checkpointing,
         args.prediction_type, args.teacher_num_inference_steps, args.teacher_guidance_scale,
         args.revision, args.variant, args.cache_dir, args.enable_xformers_memory_efficient_attention,
@@ -221,6 +228,12 @@ def train(args, prompts, accelerator, output_dir):
     sampler = ShardedPromptSampler(len(prompts), args.train_batch_size, world, accelerator.process_index, args.seed)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    latent_cache = None
+    if args.teacher_latent_cache:
+        from yoso.latent_cache import open_cache_for_run
+
+        latent_cache = open_cache_for_run(args.teacher_latent_cache, accelerator, weight_dtype, logger,
+                                          max_train_steps * args.gradient_accumulation_steps, sampler.batches_per_epoch)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer_g,
                                  num_warmup_steps=args.lr_warmup_steps * world,
@@ -307,6 +320,8 @@ def train(args, prompts, accelerator, output_dir):
         while state.global_step < max_train_steps:
             epoch, _, indices, batch_prompts, input_ids = next(batches)
             batch = {"prompts": batch_prompts, "input_ids": input_ids, "indices": indices, "epoch": epoch}
+            if latent_cache is not None:
+                batch["latents"] = latent_cache.latents(epoch, indices)
             generator = step_generator(args.seed, state.micro_steps, accelerator.process_index)
             with accelerator.accumulate(unet, discriminator):
                 try:

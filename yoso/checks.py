@@ -6,6 +6,7 @@ minutes of loading SD1.5 and SD-Turbo onto GPUs.
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 from .data import read_prompts
@@ -31,7 +32,9 @@ def load_model_config(flag, path, subfolder, config_class, revision=None, cache_
         if not (folder / subfolder / "config.json").is_file():
             raise ArgumentError(f"{flag} {path}: no {subfolder}/config.json there; is it a diffusers pipeline folder?")
     try:
-        return config_class.load_config(str(path), subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+        with warnings.catch_warnings():  # hub-client deprecation chatter would bury the one-line error
+            warnings.simplefilter("ignore")
+            return config_class.load_config(str(path), subfolder=subfolder, revision=revision, cache_dir=cache_dir)
     except Exception as error:  # the hub client raises many types; all mean "cannot get it"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ArgumentError(f"{flag} {path}: cannot read {subfolder}/config.json locally or from the Hub ({reason})") from None

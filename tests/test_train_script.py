@@ -1,0 +1,242 @@
+"""train_yoso_lora.py end to end under `accelerate launch` on the tiny models (issue 3, items 7-12)."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness import REPO, launch, tiny_train_args, write_prompts
+from yoso.lora import DEFAULT_TARGET_MODULES, add_lora, module_matches_target
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("data") / "prompts.jsonl")
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny_base, tiny_teacher, prompts_file, tmp_path_factory):
+    """One process, EMA, checkpoints every 2 steps (2 kept), validation every 3 steps, tensorboard."""
+    root = tmp_path_factory.mktemp("run_a")
+    out, dump = root / "out", root / "dump"
+    result = launch(tiny_train_args(
+        tiny_base, tiny_teacher, prompts_file, out, steps=STEPS, use_ema=True, ema_decay=0.5,
+        checkpointing_steps=2, checkpoints_total_limit=2, validation_prompts=["a cat", "a dog"],
+        validation_steps=3, report_to="tensorboard"), env={"YOSO_DUMP_RANK_WEIGHTS": str(dump)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, dump, result
+
+
+def test_outputs_and_checkpoint_pruning(run_a):
+    out, _, result = run_a
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "non_ema" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+    for name in ("pytorch_lora_weights.safetensors", "discriminator.safetensors", "optimizer.bin", "optimizer_1.bin",
+                 "scheduler.bin", "random_states_0.pkl"):
+        assert (out / "checkpoint-6" / name).is_file(), name
+    stats = load_file(out / "latent_stats.safetensors")
+    assert stats["mean"].shape == (4, 8, 8) and stats["std"].shape == () and stats["count"].item() == STEPS * 4
+    assert stats["std"].item() > 0
+    # The progress bar shows the losses.
+    assert "loss_con=" in result.stderr and "loss_adv=" in result.stderr
+
+
+def unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([999, 499]), c).sample
+
+
+def trained_unet(tiny_base, tensors_by_name):
+    from diffusers import UNet2DConditionModel
+
+    unet = add_lora(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"), rank=4, alpha=8)
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors_by_name.items():
+            params[name].copy_(value)
+    return unet
+
+
+def test_load_lora_weights_reproduces_trained_unet(run_a, tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    out, dump, _ = run_a
+    live = {k[len("lora."):]: v for k, v in load_file(dump / "rank0.safetensors").items() if k.startswith("lora.")}
+    ema_state = torch.load(out / "checkpoint-6" / "custom_checkpoint_2.pkl", weights_only=False)
+    ema = dict(zip(ema_state["names"], ema_state["shadow"]))
+    base_pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    base_out = unet_output(base_pipe.unet)
+    for folder, tensors in ((out / "non_ema", live), (out, ema)):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+        pipe.load_lora_weights(str(folder))
+        reference = unet_output(trained_unet(tiny_base, tensors))
+        assert (unet_output(pipe.unet) - reference).abs().max().item() <= 1e-5
+        assert (unet_output(pipe.unet) - base_out).abs().max().item() > 1e-4
+        loaded_types = {t for name, m in pipe.unet.named_modules() if getattr(m, "lora_A", None)
+                        for t in DEFAULT_TARGET_MODULES if module_matches_target(name, t)}
+        assert loaded_types == set(DEFAULT_TARGET_MODULES)
+    # EMA and raw LoRA differ (decay 0.5 over 6 steps).
+    assert max((ema[k] - live[k]).abs().max().item() for k in live) > 0
+
+
+def test_validation_grid_and_tracker_scalars(run_a):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _ = run_a
+    for step in (3, 6):
+        grid = Image.open(out / "validation" / f"step-{step:06d}.png")
+        assert grid.size == (4 * 64, 2 * 64)  # 4 columns (LoRA/EMA x 1/2 steps), one row per prompt
+    assert "ema 2-step" in (out / "validation" / "README.txt").read_text()
+    events = EventAccumulator(str(out / "logs" / "yoso-lora"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss_con", "loss_kl", "loss_adv", "loss_d", "d_real", "d_fake", "lr", "grad_norm"} <= scalars
+    assert len(events.Scalars("loss_kl")) == STEPS
+    # One tiled image event per validation: the 8 images (2 prompts x 4 columns) side by side.
+    image_events = events.Images("validation")
+    assert [e.step for e in image_events] == [3, 6]
+    assert all((e.width, e.height) == (8 * 64, 64) for e in image_events)
+
+
+def test_resume_matches_uninterrupted_run(run_a, tiny_base, tiny_teacher, prompts_file, tmp_path):
+    out_a, _, _ = run_a
+    out_b = tmp_path / "out_b"
+    out_b.mkdir()
+    shutil.copytree(out_a / "checkpoint-4", out_b / "checkpoint-4")
+    (out_b / "checkpoint-5.incomplete").mkdir()  # a write that never finished: `latest` must skip it
+    (out_b / "checkpoint-5.incomplete" / "optimizer.bin").write_bytes(b"partial")
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, out_b, steps=STEPS, use_ema=True,
+                                    ema_decay=0.5, checkpointing_steps=2, resume_from_checkpoint="latest",
+                                    report_to="none"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr and "checkpoint-4" in result.stderr
+    for name in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors",
+                 "latent_stats.safetensors", "checkpoint-6/discriminator.safetensors"):
+        a, b = load_file(out_a / name), load_file(out_b / name)
+        assert a.keys() == b.keys()
+        assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6, name
+    opt_a = torch.load(out_a / "checkpoint-6" / "optimizer_1.bin", weights_only=False)
+    opt_b = torch.load(out_b / "checkpoint-6" / "optimizer_1.bin", weights_only=False)
+    for key in opt_a["state"]:
+        torch.testing.assert_close(opt_b["state"][key]["exp_avg_sq"], opt_a["state"][key]["exp_avg_sq"], atol=1e-6, rtol=0)
+
+
+def test_two_processes_hold_identical_weights(tiny_base, tiny_teacher, prompts_file, tmp_path):
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, out, steps=3, train_batch_size=2,
+                                    gradient_accumulation_steps=2, use_ema=True, checkpointing_steps=3,
+                                    report_to="none"),
+                    num_processes=2, env={"YOSO_DUMP_RANK_WEIGHTS": str(dump)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Backend: gloo" in result.stderr and "[RANK 1]" in result.stderr
+    rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and any(k.startswith("d.") for k in rank0)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+    saved_d = load_file(out / "checkpoint-3" / "discriminator.safetensors")
+    assert all(torch.equal(saved_d[k], rank0["d." + k]) for k in saved_d)
+    saved_lora = load_file(out / "non_ema" / "pytorch_lora_weights.safetensors")
+    live = {"unet." + k[len("lora."):].replace(".default", ""): v for k, v in rank0.items() if k.startswith("lora.")}
+    assert saved_lora.keys() == live.keys()
+    assert all(torch.equal(saved_lora[k], live[k]) for k in live)
+    assert load_file(out / "latent_stats.safetensors")["count"].item() == 3 * 2 * 2 * 2  # steps x accum x batch x ranks
+
+
+def file_hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_nan_loss_stops_and_leaves_outputs_untouched(run_a, tiny_base, tiny_teacher, prompts_file, tmp_path):
+    # A teacher whose UNet outputs NaN makes NaN latents, hence NaN losses at the first step.
+    nan_teacher = tmp_path / "nan_teacher"
+    shutil.copytree(tiny_teacher, nan_teacher)
+    weights_file = nan_teacher / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    weights["conv_out.bias"] = torch.full_like(weights["conv_out.bias"], float("nan"))
+    save_file(weights, weights_file)
+    out = tmp_path / "out"
+    shutil.copytree(run_a[0], out)
+    before = file_hashes(out)
+    result = launch(tiny_train_args(tiny_base, str(nan_teacher), prompts_file, out, steps=STEPS + 2, use_ema=True,
+                                    ema_decay=0.5, checkpointing_steps=1, resume_from_checkpoint="latest",
+                                    report_to="none"))
+    assert result.returncode == 1
+    message = [line for line in result.stderr.splitlines() if line.startswith("train_yoso_lora.py: error:")]
+    assert len(message) == 1 and "at step 7" in message[0] and "not finite" in message[0]
+    assert "checkpoint-6" in message[0]
+    assert file_hashes(out) == before
+
+
+def run_script(args, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "train_yoso_lora.py")] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_teacher):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.jsonl").write_text("\n\n")
+    (root / "malformed.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"\n')
+    (root / "other_field.jsonl").write_text('{"caption": "a"}\n')
+    wide = root / "wide_teacher"
+    for sub in ("unet", "vae"):
+        (wide / sub).mkdir(parents=True)
+        config = json.loads((Path(tiny_teacher) / sub / "config.json").read_text())
+        config["in_channels" if sub == "unet" else "latent_channels"] = 16
+        (wide / sub / "config.json").write_text(json.dumps(config))
+    return root
+
+
+BAD_CASES = {
+    "missing prompt file": ({"train_data": "{root}/nope.jsonl"}, ["--train_data", "no such file"]),
+    "empty prompt file": ({"train_data": "{root}/empty.jsonl"}, ["--train_data", "no prompts"]),
+    "malformed json line": ({"train_data": "{root}/malformed.jsonl"}, ["malformed.jsonl:3: malformed JSON"]),
+    "missing caption column": ({"train_data": "{root}/other_field.jsonl"}, ["--caption_column"]),
+    "resolution": ({"resolution": "72"}, ["--resolution 72", "multiple of 16"]),
+    "base path": ({"pretrained_model_name_or_path": "./no/such/model"}, ["--pretrained_model_name_or_path ./no/such/model", "no such folder"]),
+    "unreachable hub id": ({"pretrained_model_name_or_path": "someone/not-cached"}, ["--pretrained_model_name_or_path someone/not-cached", "cannot read"]),
+    "teacher latent space": ({"pretrained_teacher_model": "{root}/wide_teacher"}, ["--pretrained_teacher_model", "16 channels"]),
+    "lora target": ({"lora_target_modules": ["to_q", "to_qq"]}, ["--lora_target_modules", "to_qq"]),
+    "xformers": ({"enable_xformers_memory_efficient_attention": True}, ["--enable_xformers_memory_efficient_attention", "not installed"]),
+    "bitsandbytes": ({"use_8bit_adam": True}, ["--use_8bit_adam", "not installed"]),
+    "resume path": ({"resume_from_checkpoint": "{root}/checkpoint-7"}, ["--resume_from_checkpoint", "no such checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_fails_in_one_line_before_loading(case, bad_inputs, tiny_base, tiny_teacher, prompts_file):
+    overrides, expected = BAD_CASES[case]
+    values = {"pretrained_model_name_or_path": tiny_base, "pretrained_teacher_model": tiny_teacher,
+              "train_data": prompts_file, "resolution": "64", "output_dir": str(bad_inputs / f"out_{case}"),
+              "max_train_steps": "2", "report_to": "none"}
+    values.update({k: (v.format(root=bad_inputs) if isinstance(v, str) else v) for k, v in overrides.items()})
+    args = []
+    for key, value in values.items():
+        if value is True:
+            args.append("--" + key)
+        elif isinstance(value, list):
+            args += ["--" + key, *value]
+        else:
+            args += ["--" + key, value]
+    result = run_script(args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("train_yoso_lora.py: error:")
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not Path(values["output_dir"]).exists()  # nothing written, no model loaded
