@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and installs everything, torch first and pinned.
+# Usage: source scripts/setup_env.sh   (sets $PY to the venv's python)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c "import torch, diffusers, transformers, peft, accelerate, pytest, importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null; then
+  echo "setup: installing packages (torch 2.13.0 first, then requirements-dev.txt)"
+  "$PY" -m pip install -q --upgrade pip
+  # torch first and pinned: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
+  "$PY" -m pip install -q torch==2.13.0
+  "$PY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  # Only for its CLIP BPE merge list (the offline tokenizer of the tiny test models); its deps pull torchvision.
+  "$PY" -m pip install -q --no-deps open_clip_torch==3.3.0
+fi
+export PY
