@@ -29,26 +29,19 @@ PROMPT = "A photo of a man, XT3"
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tiny_base, tmp_path_factory):
-    """What a finished training run leaves in its --output_dir: the LoRA and latent_stats.safetensors.
+def lora_dir(tiny_base, tiny_teacher, tmp_path_factory):
+    """A short run of train_yoso_lora.py: its --output_dir holds the LoRA and latent_stats.safetensors.
 
-    For now made directly with yoso.lora (random, non-zero LoRA weights so that it changes the images)
-    and save_latent_stats; to be switched to a short run of train_yoso_lora.py. Every test reaches the
-    LoRA only through this fixture."""
-    from diffusers import UNet2DConditionModel
+    A high learning rate so that 10 steps move the LoRA far enough to change the tiny model's images.
+    Every test reaches the LoRA only through this fixture."""
+    from harness import launch, tiny_train_args, write_prompts
 
-    from yoso.lora import add_lora, lora_named_parameters, save_lora
-
-    out = tmp_path_factory.mktemp("trained_lora")
-    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
-    add_lora(unet, rank=4, alpha=4)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, param in lora_named_parameters(unet):
-            param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-    save_lora(unet, out)
-    latent = unet.config.sample_size
-    yi.save_latent_stats(out / LATENT_STATS_NAME, 0.5 * torch.randn(4, latent, latent, generator=gen), 0.8, 64)
+    root = tmp_path_factory.mktemp("trained_lora")
+    prompts = write_prompts(root / "prompts.jsonl")
+    out = root / "out"
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts, out, steps=10, learning_rate="2e-2",
+                                    checkpointing_steps=1000, report_to="none"))
+    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 

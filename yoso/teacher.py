@@ -5,13 +5,10 @@ clean latent x0, with no decode / encode round trip. Its noise is drawn per samp
 from (run seed, epoch, prompt index), so a latent can be regenerated (or cached) exactly.
 """
 
-import os
-import tempfile
-from pathlib import Path
-
 import torch
 
-LATENT_STATS_NAME = "latent_stats.safetensors"
+# The file format is inference's (it reads the file); the training writes it through the same function.
+from .inference import LATENT_STATS_NAME, save_latent_stats  # noqa: F401  (re-exported for the training script)
 
 
 def teacher_noise(seeds, shape, device, dtype):
@@ -98,25 +95,3 @@ class LatentStats:
 
     def save(self, path):
         save_latent_stats(path, self.mean(), self.std(), self.count)
-
-
-def save_latent_stats(path, mean, std, count):
-    """Write ``latent_stats.safetensors``: ``mean`` [C, h, w], ``std`` [], ``count`` [] (atomic)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "mean": torch.as_tensor(mean, dtype=torch.float32).contiguous(),
-        "std": torch.tensor(float(std), dtype=torch.float32),
-        "count": torch.tensor(int(count), dtype=torch.int64),
-    }
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
