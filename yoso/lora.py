@@ -71,7 +71,7 @@ def save_lora(unet, output_dir, tensors=None):
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet, tensors).items()}
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp, _quiet_diffusers():
         StableDiffusionPipeline.save_lora_weights(
             tmp,
             unet_lora_layers=layers,
@@ -80,6 +80,22 @@ def save_lora(unet, output_dir, tensors=None):
         )
         os.replace(Path(tmp) / LORA_WEIGHT_NAME, output_dir / LORA_WEIGHT_NAME)
     return output_dir / LORA_WEIGHT_NAME
+
+
+class _quiet_diffusers:
+    """diffusers logs the temporary path it wrote to; the caller reports the final one."""
+
+    def __enter__(self):
+        from diffusers.utils import logging
+
+        self.level = logging.get_verbosity()
+        logging.set_verbosity_warning()
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging
+
+        logging.set_verbosity(self.level)
+        return False
 
 
 def load_lora_into_unet(unet, lora_dir):

@@ -243,13 +243,32 @@ def sample_journeydb_records(n=64, seed=0):
     return records
 
 
+def write_sample_journeydb_archive(path, n=64, seed=0):
+    """A ``train_anno.jsonl.tgz`` shaped like JourneyDB's: one JSON Lines member of annotation records."""
+    import io
+    import tarfile
+
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_journeydb_records(n, seed)).encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as archive:
+        member = tarfile.TarInfo("train_anno.jsonl")
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description="Build tiny offline SD1.5 and SD-Turbo-shaped pipelines.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--sample_annotations", default=None, metavar="PATH",
+                        help="also write a JourneyDB-shaped train_anno.jsonl.tgz of sample records here")
     args = parser.parse_args()
     base, teacher = build_tiny_models(args.output_dir, resolution=args.resolution)
     print(f"tiny SD1.5-shaped base: {base}\ntiny SD-Turbo-shaped teacher: {teacher}")
+    if args.sample_annotations:
+        print(f"sample JourneyDB annotations: {write_sample_journeydb_archive(args.sample_annotations)}")
 
 
 if __name__ == "__main__":

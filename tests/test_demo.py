@@ -1,0 +1,31 @@
+"""The README's first command, `bash demo.sh`, as a new user runs it (in a temporary output folder)."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(["bash", str(REPO / "demo.sh"), str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((out / "data" / "train_anno.summary.json").read_text())
+    prompts = (out / "data" / "train_anno.jsonl").read_text().splitlines()
+    assert len(prompts) >= 16 and all(json.loads(line)["prompt"] for line in prompts)
+    assert "https://" not in "".join(prompts) and "--ar" not in "".join(prompts)
+    assert summary  # written
+    lora = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("unet.") and "lora_A" in k for k in lora)
+    assert (out / "lora" / "non_ema" / "pytorch_lora_weights.safetensors").is_file()
+    assert load_file(out / "lora" / "latent_stats.safetensors")["count"].item() == 30 * 4
+    assert (out / "lora" / "checkpoint-30").is_dir() and not (out / "lora" / "checkpoint-15").exists()
+    assert len(list((out / "lora" / "validation").glob("step-*.png"))) == 2
+    for mode in ("lcm_2step", "one_step_ipi"):
+        grid = Image.open(out / "images" / mode / "grid.png")
+        assert grid.size == (64, 2 * 64)  # one column, a row per held-out prompt
+    assert "Done. Outputs:" in result.stdout and str(out / "images" / "lcm_2step" / "grid.png") in result.stdout
