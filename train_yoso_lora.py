@@ -233,7 +233,8 @@ def train(args, prompts, accelerator, output_dir):
         from yoso.latent_cache import open_cache_for_run
 
         latent_cache = open_cache_for_run(args.teacher_latent_cache, accelerator, weight_dtype, logger,
-                                          max_train_steps * args.gradient_accumulation_steps, sampler.batches_per_epoch)
+                                          max_train_steps * args.gradient_accumulation_steps, sampler.batches_per_epoch,
+                                          args.train_batch_size)
     # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer_g,
                                  num_warmup_steps=args.lr_warmup_steps * world,

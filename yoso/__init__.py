@@ -10,8 +10,14 @@ One concept per module:
 - ``lora``          LoRA config, targets, save/load in diffusers format
 - ``data``          prompt files and the resumable, rank-sharded prompt sampler
 - ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents; latent statistics
+- ``latent_cache``  precomputed teacher latents (train without loading the teacher)
+- ``models``        loading and placing every model of a run (shared by script, tests, benchmarks)
 - ``step``          one YOSO training step (the D update, the G update, EMA)
+- ``checkpoint``    atomic checkpoint folders, ``latest``, pruning
+- ``validation``    1-/2-step validation grids from the LoRA and its EMA
 - ``checks``        command-line validation that fails in one line before any model loads
+- ``journeydb``     JourneyDB annotations -> clean prompt file (``prepare_journeydb.py``)
+- ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)
 - ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
 """
 

@@ -72,9 +72,13 @@ class ShardedPromptSampler:
                 f"({batch_size} x {world_size} processes): lower --train_batch_size or add prompts"
             )
 
-    def epoch_batches(self, epoch):
+    def epoch_order(self, epoch):
+        """The epoch's permutation of all prompt indices; its batches are consecutive slices of it."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.num_prompts, generator=generator)
+        return torch.randperm(self.num_prompts, generator=generator)
+
+    def epoch_batches(self, epoch):
+        order = self.epoch_order(epoch)
         global_size = self.batch_size * self.world_size
         for b in range(self.batches_per_epoch):
             start = b * global_size + self.rank * self.batch_size

@@ -1,0 +1,150 @@
+"""benchmarks/bench_train_step.py (issue 7): the tiny smoke run (numbers not asserted), the GPU script's
+dry run, and that the benchmark builds what the training script builds, with the real models' shapes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "benchmarks" / "bench_train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_report(report, names):
+    assert [r["name"] for r in report["results"]] == names
+    for r in report["results"]:
+        assert r["status"] == "ok", r
+        assert r["median_seconds_per_step"] > 0 and r["peak_memory"] > 0 and r["flops_per_step"] > 0
+        assert r["memory_kind"] == "process_rss"
+        assert set(r["phases_median_seconds"]) == {"data", "teacher", "generator", "feature_net", "discriminator",
+                                                   "backward", "optimizer", "ema", "other"}
+        passes = {"generator": 2, "feature_net": 1, "discriminator": 2}
+        if not r["cache"]:
+            passes["teacher"] = 1  # SD-Turbo: one teacher step
+        assert r["unet_passes_per_step"] == passes | {"total": sum(passes.values())}
+        samples = {"generator": 3, "feature_net": 2, "discriminator": 3} | ({} if r["cache"] else {"teacher": 1})
+        assert r["unet_samples_per_prompt"] == samples
+    assert report["device"]["type"] == "cpu"
+
+
+def test_tiny_smoke_run(tmp_path):
+    out = tmp_path / "tiny.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--config", "tiny", "--cache", "off", "on",
+         "--warmup_steps", "1", "--steps", "1", "--threads", "1", "--output", str(out)],
+        capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    check_report(report, ["bs4-gc_off-cache_off", "bs4-gc_off-cache_on"])
+    cache = report["cache"]
+    assert cache["prompts"] == 4 * 3 and cache["bytes_on_disk"] > 0 and "teacher_memory_freed" in cache
+    # The markdown table renders from the JSON.
+    table = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--print_table", str(out)],
+                           capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    assert table.returncode == 0 and table.stdout.count("\n| 4 | off |") == 2 and "(cpu, " in table.stdout
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """benchmarks/gpu_run.sh end to end on CPU with the tiny models: the GPU call cannot die on a typo."""
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=900, env={**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_tiny_dryrun.json", "bench_tiny_dryrun.md", "gpu_run.log"]
+    report = json.loads((tmp_path / "bench_tiny_dryrun.json").read_text())
+    check_report(report, [f"bs{b}-gc_{g}-cache_{c}" for c in ("off", "on") for b in (2, 4) for g in ("off", "on")])
+    log = (tmp_path / "gpu_run.log").read_text()
+    assert "diffusers 0." in log and "configurations: " in log
+
+
+def test_failed_configuration_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)  # accelerate's state is a process singleton; other tests set theirs
+    GradientState._reset_state()
+    bench = bench_module()
+    args = bench.parse_args(["--config", "tiny", "--cache", "off", "--batch_size", "2", "--warmup_steps", "0",
+                             "--steps", "1", "--no_flops", "--device", "cpu"])
+    runner = bench.Bench(args, bench.load_config("tiny")[0])
+    runner.report["device"] = runner.environment()
+    runner.build()
+    original = runner.models.feature_net.__class__.__call__
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(runner.models.feature_net.__class__, "__call__", out_of_memory)
+    failed = runner.run_config(2, False, "off")
+    assert failed["status"] == "oom" and "out of memory" in failed["error"] and "median_seconds_per_step" not in failed
+    monkeypatch.setattr(runner.models.feature_net.__class__, "__call__", original)
+    assert runner.run_config(2, True, "off")["status"] == "ok"
+
+
+def folder_spec(path, pad_token):
+    spec = {sub: json.loads((Path(path) / sub / "config.json").read_text()) for sub in ("unet", "vae", "text_encoder")}
+    return spec | {"tokenizer_pad_token": pad_token}
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_benchmark_builds_what_load_models_builds(tiny_base, tiny_teacher, gradient_checkpointing):
+    """Same modules, shapes, dtypes, trainable set and checkpointing flags as yoso.models.load_models."""
+    from yoso.models import load_models
+
+    bench = bench_module()
+    config = {"name": "folders", "base": folder_spec(tiny_base, "<|endoftext|>"), "teacher": folder_spec(tiny_teacher, "!")}
+    for weight_dtype in (torch.float32, torch.bfloat16):
+        built = bench.build_models(config, 64, "cpu", weight_dtype, lora_rank=4, gradient_checkpointing=gradient_checkpointing)
+        loaded = load_models(tiny_base, tiny_teacher, 64, "cpu", weight_dtype, lora_rank=4,
+                             gradient_checkpointing=gradient_checkpointing)
+        assert built.latent_shape == loaded.latent_shape and built.weight_dtype == loaded.weight_dtype
+        assert built.schedule.prediction_type == loaded.schedule.prediction_type
+        assert torch.equal(built.schedule.alphas_cumprod, loaded.schedule.alphas_cumprod)
+        pairs = [(built.unet, loaded.unet), (built.discriminator, loaded.discriminator),
+                 (built.text_encoder, loaded.text_encoder), (built.vae, loaded.vae),
+                 (built.latent_source.pipeline.unet, loaded.latent_source.pipeline.unet),
+                 (built.latent_source.pipeline.text_encoder, loaded.latent_source.pipeline.text_encoder)]
+        for a, b in pairs:
+            describe = lambda m: [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in m.named_parameters()]  # noqa: E731
+            assert describe(a) == describe(b)
+            flags = lambda m: [(n, bool(getattr(x, "gradient_checkpointing", False))) for n, x in m.named_modules()]  # noqa: E731
+            assert flags(a) == flags(b)
+        assert type(built.latent_source.pipeline.scheduler) is type(loaded.latent_source.pipeline.scheduler)
+        assert built.tokenizer("a photo of a cat").input_ids == loaded.tokenizer("a photo of a cat").input_ids
+
+
+def test_configs_have_the_real_models_shapes():
+    """sd15.json: SD1.5's and SD-Turbo's parameter counts (meta device, no memory); tiny.json: the test models."""
+    bench = bench_module()
+    counts = {}
+    for name in ("sd15", "tiny", "mid"):
+        config = bench.load_config(name)[0]
+        for which in ("base", "teacher"):
+            _, text_encoder, vae, unet = bench.build_pipeline_parts(config[which], "meta")
+            counts[name, which] = tuple(bench.count_parameters(m) for m in (unet, text_encoder, vae))
+    # diffusers' SD1.5 UNet / CLIP ViT-L text encoder / VAE; SD2.1 UNet / OpenCLIP ViT-H text (23 layers).
+    assert counts["sd15", "base"] == (859_520_964, 123_060_480, 83_653_863)
+    assert counts["sd15", "teacher"][:2] == (865_910_724, 340_387_840)
+    for which in ("base", "teacher"):
+        assert counts["tiny", which][0] < 5e6 and counts["mid", which][0] < 60e6
+
+
+def test_tiny_config_is_the_test_models(tiny_base, tiny_teacher):
+    bench = bench_module()
+    config = bench.load_config("tiny")[0]
+    for which, path in (("base", tiny_base), ("teacher", tiny_teacher)):
+        folder = folder_spec(path, None)
+        for sub in ("unet", "vae", "text_encoder"):
+            mine = config[which][sub]
+            assert {k: v for k, v in folder[sub].items() if k in mine and not k.startswith("_")} == \
+                   {k: (list(v) if isinstance(v, tuple) else v) for k, v in mine.items() if not k.startswith("_")}, (which, sub)

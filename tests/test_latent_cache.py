@@ -1,0 +1,317 @@
+"""Teacher-latent cache (issue 7): exact latents by index, the same step and the same training run as
+on-the-fly generation, sharding across ranks, exact resume, and one-line refusals of a foreign cache."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import PROMPTS, build_trainer, launch, make_batch, tiny_train_args, write_prompts
+
+# Cached and on-the-fly latents come from teacher calls on different batches (precompute batches consecutive
+# prompts, training batches the sampler's), so fp32 kernels may round differently: equal to ~1e-6 relative.
+TOL = 1e-6
+
+
+def rel(a, b):
+    """max |a - b| relative to the size of b (absolute where |b| < 1)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1.0)).item()
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(rel(a[k], b[k]) for k in a)
+
+
+def tiny_latent_source(teacher_path):
+    from yoso.teacher import TeacherLatents, load_teacher
+
+    return TeacherLatents(load_teacher(teacher_path, torch.float32, "cpu"), 1, 0.0)
+
+
+def make_cache(folder, teacher_path, prompts, seed=0, num_epochs=1, shard_size=6, batch_size=3, rank=0, world_size=1,
+               latent_source=None, resolution=64):
+    from yoso.latent_cache import make_cache_settings, precompute_latents
+
+    settings = make_cache_settings(teacher_path, resolution, (4, resolution // 8, resolution // 8), 1, 0.0, seed, prompts)
+    latent_source = latent_source or tiny_latent_source(teacher_path)
+    precompute_latents(folder, latent_source, prompts, settings, num_epochs, shard_size, batch_size, rank, world_size)
+    return settings
+
+
+# ---- the cache itself ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, tiny_teacher):
+    """13 prompts x 2 epochs in shards of 6 (the last one partial), teacher batches of 3."""
+    from yoso.latent_cache import write_cache_info
+
+    folder = tmp_path_factory.mktemp("small_cache")
+    prompts = [f"{PROMPTS[i % 4]}, take {i}" for i in range(13)]
+    settings = make_cache(folder, tiny_teacher, prompts, seed=3, num_epochs=2)
+    write_cache_info(folder, settings, 2, 6, 3, torch.float32, torch.float32)
+    return folder, prompts
+
+
+def test_cached_latents_are_the_teachers_for_each_epoch_and_index(small_cache, tiny_teacher):
+    from yoso.data import ShardedPromptSampler
+    from yoso.latent_cache import LatentCacheReader
+    from yoso.teacher import teacher_noise, teacher_noise_seeds
+
+    folder, prompts = small_cache
+    info = json.loads((folder / "cache_info.json").read_text())
+    assert info["num_epochs"] == 2 and info["shards_per_epoch"] == 3 and info["latent_shape"] == [4, 8, 8]
+    assert info["teacher"] == os.path.realpath(tiny_teacher) and info["seed"] == 3
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        f"latents-e{e:04d}-s{s:06d}.safetensors" for e in range(2) for s in range(3)]
+    reader = LatentCacheReader(folder, max_open_shards=2)
+    source = tiny_latent_source(tiny_teacher)
+    for epoch, indices in ((0, [12, 0, 5, 4]), (1, [7, 2, 10])):  # any indices, across shards
+        seeds = teacher_noise_seeds(3, epoch, indices)
+        expected = source([prompts[i] for i in indices], teacher_noise(seeds, (4, 8, 8), "cpu", torch.float32))
+        cached = reader.latents(epoch, indices)
+        assert cached.dtype == torch.float32 and cached.shape == (len(indices), 4, 8, 8)
+        assert rel(cached, expected) <= TOL
+        assert reader.noise_seeds(epoch, indices) == seeds
+        assert reader.prompts(epoch, indices) == [prompts[i] for i in indices]
+        assert len(reader._open) <= 2  # bounded number of open shards
+    # The training sampler's batches (batch 3, any number of processes) are exactly the teacher's batches:
+    # bit-identical latents.
+    for world_size, rank in ((1, 0), (2, 0), (2, 1), (4, 3)):
+        sampler = ShardedPromptSampler(13, 3, world_size, rank, seed=3)
+        for epoch, _, indices in _take(sampler.batches(), 5):  # crosses into epoch 1
+            if epoch >= 2:  # not cached (epoch 2 reads epoch 0, checked below)
+                continue
+            seeds = teacher_noise_seeds(3, epoch, indices)
+            expected = source([prompts[i] for i in indices], teacher_noise(seeds, (4, 8, 8), "cpu", torch.float32))
+            assert torch.equal(reader.latents(epoch, indices), expected), (world_size, rank, epoch, indices)
+    assert not torch.equal(reader.latents(0, [1]), reader.latents(1, [1]))  # fresh noise each epoch
+    # Past the cached epochs: epoch e reads epoch e mod 2.
+    assert torch.equal(reader.latents(2, [4, 9]), reader.latents(0, [4, 9]))
+    assert torch.equal(reader.latents(5, [4, 9]), reader.latents(1, [4, 9]))
+    with pytest.raises(IndexError):
+        reader.latents(0, [13])
+
+
+def _take(iterator, n):
+    return [item for _, item in zip(range(n), iterator)]
+
+
+def test_ranks_split_the_shards_and_write_the_same_files(small_cache, tiny_teacher, tmp_path):
+    folder, prompts = small_cache
+    source = tiny_latent_source(tiny_teacher)
+    for rank in (1, 0):  # two "processes" in turn: each writes its round-robin share
+        make_cache(tmp_path, tiny_teacher, prompts, seed=3, num_epochs=2, rank=rank, world_size=2, latent_source=source)
+        if rank == 1:
+            assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [  # round robin over (epoch, shard)
+                "latents-e0000-s000001.safetensors", "latents-e0001-s000000.safetensors", "latents-e0001-s000002.safetensors"]
+    for path in folder.glob("*.safetensors"):
+        a, b = load_file(path), load_file(tmp_path / path.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path.name
+    # Rerunning skips finished shards (resuming an interrupted precompute).
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.safetensors")}
+    make_cache(tmp_path, tiny_teacher, prompts, seed=3, num_epochs=2, latent_source=source)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.safetensors")} == before
+
+
+def test_refusals_name_what_differs(small_cache, tiny_teacher, tiny_base):
+    from yoso.latent_cache import LatentCacheError, check_cache, make_cache_settings
+
+    folder, prompts = small_cache
+
+    def check(teacher=tiny_teacher, resolution=64, steps=1, guidance=0.0, seed=3, run_prompts=prompts):
+        side = resolution // 8
+        return check_cache(folder, make_cache_settings(teacher, resolution, (4, side, side), steps, guidance, seed,
+                                                       run_prompts))
+
+    assert check()["num_prompts"] == 13
+    cases = {
+        "teacher": (dict(teacher=tiny_base), f"was made with teacher {os.path.realpath(tiny_teacher)} at resolution 64, "
+                                             f"this run asks for {os.path.realpath(tiny_base)} at 64"),
+        "resolution": (dict(resolution=128), "at resolution 64, this run asks for"),
+        "seed": (dict(seed=4), "was made with --seed 3, this run asks for --seed 4"),
+        "steps": (dict(steps=2, guidance=1.5), "--teacher_num_inference_steps 1 and --teacher_guidance_scale 0.0, "
+                                               "this run asks for --teacher_num_inference_steps 2 and"),
+        "prompts": (dict(run_prompts=prompts[:12]), "was made from 13 other prompts, this run reads 12"),
+    }
+    for name, (kwargs, expected) in cases.items():
+        with pytest.raises(LatentCacheError) as error:
+            check(**kwargs)
+        message = str(error.value)
+        assert "\n" not in message and expected in message and message.endswith(
+            "rebuild it with precompute_teacher_latents.py"), (name, message)
+    with pytest.raises(LatentCacheError, match="no cache_info.json"):
+        check_cache(folder.parent, make_cache_settings(tiny_teacher, 64, (4, 8, 8), 1, 0.0, 3, prompts))
+
+
+# ---- the training step ----------------------------------------------------------------------------------
+
+def test_step_from_cache_equals_step_with_teacher(tiny_base, tiny_teacher, tmp_path):
+    """One YOSOTrainingStep.step from cached latents: same losses, same LoRA and D after the step."""
+    from train_yoso_lora import step_generator
+    from yoso.latent_cache import LatentCacheReader, write_cache_info
+    from yoso.lora import lora_named_parameters
+
+    from yoso.data import ShardedPromptSampler
+
+    prompts = [f"{PROMPTS[i % 4]}, take {i}" for i in range(8)]
+    settings = make_cache(tmp_path, tiny_teacher, prompts, seed=0, shard_size=6, batch_size=3)
+    write_cache_info(tmp_path, settings, 1, 6, 3, torch.float32, torch.float32)
+    reader = LatentCacheReader(tmp_path)
+    _, _, indices = _take(ShardedPromptSampler(8, 3, 1, 0, seed=0).batches(), 2)[1]  # the second batch
+    batch_prompts = [prompts[i] for i in indices]
+
+    results = []
+    for cached in (False, True):
+        trainer, models = build_trainer(tiny_base, None if cached else tiny_teacher, use_ema=True, seed=0)
+        assert (models.latent_source is None) == cached
+        batch = make_batch(models, batch_prompts, epoch=0) | {"indices": indices}
+        if cached:
+            batch["latents"] = reader.latents(0, indices)
+        with trainer.accelerator.accumulate(trainer.unet, trainer.discriminator):
+            logs = trainer.step(batch, step_generator(0, 0, 0))
+        weights = {f"lora.{n}": p.detach().clone() for n, p in lora_named_parameters(trainer.unet_module)}
+        weights |= {f"d.{n}": p.detach().clone() for n, p in trainer.discriminator_module.state_dict().items()}
+        weights |= {f"ema.{i}": s.clone() for i, s in enumerate(trainer.ema.shadow)}
+        results.append(({k: v for k, v in logs.items() if torch.is_tensor(v)}, weights))
+    (logs_t, weights_t), (logs_c, weights_c) = results
+    assert max_diff(logs_t, logs_c) <= TOL
+    assert max_diff(weights_t, weights_c) <= TOL
+    assert torch.isfinite(logs_t["loss_g"] if "loss_g" in logs_t else logs_t["loss_kl"]) and logs_t["loss_kl"].item() > 0
+
+
+# ---- train_yoso_lora.py end to end ------------------------------------------------------------------------
+
+STEPS = 8  # 24 prompts / batch 4 = 6 batches an epoch: the runs cross into epoch 1
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("cache_data") / "prompts.jsonl", n=24)
+
+
+def precompute_args(teacher, prompts_file, output_dir, **extra):
+    args = ["--pretrained_teacher_model", teacher, "--train_data", prompts_file, "--resolution", "64",
+            "--seed", "0", "--output_dir", output_dir, "--num_epochs", "2", "--shard_size", "10", "--train_batch_size", "4"]
+    for key, value in extra.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_teacher, prompts_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_cache") / "cache"
+    result = launch(precompute_args(tiny_teacher, prompts_file, folder), script="precompute_teacher_latents.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def on_the_fly_run(tiny_base, tiny_teacher, prompts_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("on_the_fly")
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, root / "out", steps=STEPS, use_ema=True,
+                                    ema_decay=0.5, checkpointing_steps=100, report_to="none"),
+                    env={"YOSO_DUMP_RANK_WEIGHTS": str(root / "dump")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_cache_cli_writes_info_and_shards(cache_dir, tiny_teacher, prompts_file):
+    from yoso.data import read_prompts
+    from yoso.latent_cache import LatentCacheReader, prompts_digest
+
+    info = json.loads((cache_dir / "cache_info.json").read_text())
+    prompts = read_prompts(prompts_file)
+    assert info["num_prompts"] == 24 and info["prompts_sha256"] == prompts_digest(prompts)
+    assert info["num_epochs"] == 2 and info["shard_size"] == 8 and info["shards_per_epoch"] == 3  # 10 -> 8 (batch 4)
+    assert info["batch_size"] == 4
+    assert info["dtype"] == "float32" and info["noise_dtype"] == "float32" and info["mixed_precision"] == "no"
+    assert info["teacher_num_inference_steps"] == 1 and info["teacher_guidance_scale"] == 0.0
+    assert len(list(cache_dir.glob("latents-*.safetensors"))) == 6
+    assert LatentCacheReader(cache_dir).prompts(1, [23, 0]) == [prompts[23], prompts[0]]
+
+
+def test_training_from_cache_equals_on_the_fly_and_resumes_exactly(cache_dir, on_the_fly_run, tiny_base, tiny_teacher,
+                                                                    prompts_file, tmp_path):
+    common = dict(steps=STEPS, use_ema=True, ema_decay=0.5, report_to="none", teacher_latent_cache=cache_dir)
+    out = tmp_path / "cached"
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, out, checkpointing_steps=5, **common),
+                    env={"YOSO_DUMP_RANK_WEIGHTS": str(tmp_path / "dump")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the teacher is not loaded" in result.stderr
+    reference = on_the_fly_run
+    # The LoRA (EMA and raw), D and the latent statistics equal those of on-the-fly training.
+    assert max_diff(load_file(out / "pytorch_lora_weights.safetensors"),
+                    load_file(reference / "out" / "pytorch_lora_weights.safetensors")) <= TOL
+    assert max_diff(load_file(tmp_path / "dump" / "rank0.safetensors"),
+                    load_file(reference / "dump" / "rank0.safetensors")) <= TOL
+    assert max_diff(load_file(out / "latent_stats.safetensors"),
+                    load_file(reference / "out" / "latent_stats.safetensors")) <= TOL
+
+    # Resuming from the cache run's checkpoint-5 gives the uninterrupted result.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-5", resumed / "checkpoint-5")
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, resumed, checkpointing_steps=100,
+                                    resume_from_checkpoint="latest", **common),
+                    env={"YOSO_DUMP_RANK_WEIGHTS": str(tmp_path / "dump_resumed")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    for name in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors",
+                 "latent_stats.safetensors"):
+        assert max_diff(load_file(out / name), load_file(resumed / name)) <= TOL, name
+    assert max_diff(load_file(tmp_path / "dump" / "rank0.safetensors"),
+                    load_file(tmp_path / "dump_resumed" / "rank0.safetensors")) <= TOL
+
+
+def test_two_processes_read_their_own_latents(cache_dir, tiny_base, tiny_teacher, prompts_file, tmp_path):
+    """2 ranks: precompute split across them writes the same cache; training from it equals on-the-fly."""
+    split = tmp_path / "split_cache"
+    result = launch(precompute_args(tiny_teacher, prompts_file, split), num_processes=2,
+                    script="precompute_teacher_latents.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in cache_dir.glob("latents-*.safetensors"):
+        a, b = load_file(path), load_file(split / path.name)
+        assert all(torch.equal(a[k], b[k]) for k in a), path.name
+    assert json.loads((split / "cache_info.json").read_text()) == json.loads((cache_dir / "cache_info.json").read_text())
+
+    dumps = {}
+    for mode in ("fly", "cache"):
+        extra = {"teacher_latent_cache": split} if mode == "cache" else {}
+        result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, tmp_path / mode, steps=4,
+                                        checkpointing_steps=100, report_to="none", **extra),
+                        num_processes=2, env={"YOSO_DUMP_RANK_WEIGHTS": str(tmp_path / f"dump_{mode}")})
+        assert result.returncode == 0, result.stderr[-3000:]
+        dumps[mode] = [load_file(tmp_path / f"dump_{mode}" / f"rank{r}.safetensors") for r in (0, 1)]
+    for rank in (0, 1):
+        assert max_diff(dumps["cache"][rank], dumps["fly"][rank]) <= TOL
+    assert max_diff(load_file(tmp_path / "cache" / "latent_stats.safetensors"),
+                    load_file(tmp_path / "fly" / "latent_stats.safetensors")) <= TOL
+
+
+def run_main(args):
+    """train_yoso_lora.main in this process: the checks run before any accelerator or model exists."""
+    import train_yoso_lora
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_yoso_lora.main([str(a) for a in args])
+    return str(exit_info.value.code)
+
+
+def test_train_script_refuses_a_foreign_cache_in_one_line(cache_dir, tiny_base, tiny_teacher, prompts_file, tmp_path):
+    teacher = os.path.realpath(tiny_teacher)
+    base = os.path.realpath(tiny_base)
+    message = run_main(tiny_train_args(tiny_base, tiny_base, prompts_file, tmp_path / "a", resolution=128,
+                                       teacher_latent_cache=cache_dir))
+    assert message == (f"train_yoso_lora.py: error: --teacher_latent_cache {cache_dir} was made with teacher {teacher} "
+                       f"at resolution 64, this run asks for {base} at 128: rebuild it with precompute_teacher_latents.py")
+    message = run_main(tiny_train_args(tiny_base, tiny_teacher, prompts_file, tmp_path / "b", seed=1,
+                                       teacher_latent_cache=cache_dir))
+    assert "\n" not in message and "was made with --seed 0, this run asks for --seed 1" in message
+    message = run_main(tiny_train_args(tiny_base, tiny_teacher, prompts_file, tmp_path / "c",
+                                       teacher_latent_cache=tmp_path / "nowhere"))
+    assert "\n" not in message and "no such folder" in message
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
