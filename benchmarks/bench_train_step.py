@@ -107,46 +107,24 @@ def build_teacher_pipeline(spec, device, weight_dtype):
 
 def build_models(config, resolution, device, weight_dtype, lora_rank, lora_alpha=8, with_teacher=True,
                  teacher_num_inference_steps=1, teacher_guidance_scale=0.0, gradient_checkpointing=False):
-    """``yoso.models.load_models`` on config-built random weights instead of loaded ones.
+    """``yoso.models.assemble_models`` (what ``load_models`` does after loading) on config-built random weights.
 
     Gradient checkpointing is always *enabled* before D copies the encoder (so D's blocks can checkpoint)
     and then switched to ``gradient_checkpointing``; ``set_gradient_checkpointing`` flips it later.
     """
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import cast_training_params
 
-    from yoso.discriminator import Discriminator
-    from yoso.lora import DEFAULT_TARGET_MODULES, add_lora
-    from yoso.models import YOSOModels
-    from yoso.schedule import YOSOSchedule
-    from yoso.teacher import TeacherLatents
+    from yoso.models import assemble_models
     from yoso.testing import SD15_SCHEDULER_CONFIG
-    from yoso.unet_encoder import FeatureNet
 
     tokenizer, text_encoder, vae, unet = build_pipeline_parts(config["base"], device)
-    noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    schedule = YOSOSchedule.from_scheduler(noise_scheduler, None)
-    for frozen_model in (text_encoder, vae, unet):
-        frozen_model.requires_grad_(False)
-    unet.enable_gradient_checkpointing()
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    discriminator = Discriminator(unet, resolution, vae_scale)
-    add_lora(unet, lora_rank, lora_alpha, DEFAULT_TARGET_MODULES)
-
-    unet.to(device, dtype=weight_dtype)
-    cast_training_params(unet, dtype=torch.float32)
-    text_encoder.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=weight_dtype)
-    discriminator.to(device, dtype=torch.float32)
-    set_gradient_checkpointing([unet, discriminator], gradient_checkpointing)
-
-    latent_source = None
-    if with_teacher:
-        pipeline = build_teacher_pipeline(config["teacher"], device, weight_dtype)
-        latent_source = TeacherLatents(pipeline, teacher_num_inference_steps, teacher_guidance_scale)
-    latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
-    return YOSOModels(tokenizer, text_encoder, vae, unet, discriminator, FeatureNet(unet), noise_scheduler, schedule,
-                      latent_source, latent_shape, weight_dtype)
+    teacher = build_teacher_pipeline(config["teacher"], device, weight_dtype) if with_teacher else None
+    models = assemble_models(tokenizer, text_encoder, vae, unet, DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+                             teacher, resolution, device, weight_dtype, lora_rank, lora_alpha,
+                             gradient_checkpointing=True, teacher_num_inference_steps=teacher_num_inference_steps,
+                             teacher_guidance_scale=teacher_guidance_scale)
+    set_gradient_checkpointing([models.unet, models.discriminator], gradient_checkpointing)
+    return models
 
 
 def set_gradient_checkpointing(modules, enabled):

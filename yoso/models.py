@@ -39,9 +39,9 @@ def load_models(base, teacher, resolution, device, weight_dtype=torch.float32, l
                 lora_target_modules=DEFAULT_TARGET_MODULES, gradient_checkpointing=False, prediction_type=None,
                 teacher_num_inference_steps=1, teacher_guidance_scale=0.0, revision=None, variant=None,
                 cache_dir=None, xformers=False):
-    """Load and place every model. ``teacher=None`` skips the teacher (cached latents)."""
+    """Load every model from its folder or hub id and assemble them. ``teacher=None`` skips the teacher
+    (cached latents)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import cast_training_params
     from transformers import CLIPTextModel, CLIPTokenizer
 
     hub = {"revision": revision, "cache_dir": cache_dir}
@@ -50,6 +50,20 @@ def load_models(base, teacher, resolution, device, weight_dtype=torch.float32, l
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=variant, **hub)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=variant, **hub)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
+    teacher_pipeline = None if teacher is None else load_teacher(teacher, weight_dtype, device, cache_dir=cache_dir)
+    return assemble_models(tokenizer, text_encoder, vae, unet, noise_scheduler, teacher_pipeline, resolution, device,
+                           weight_dtype, lora_rank, lora_alpha, lora_target_modules, gradient_checkpointing,
+                           prediction_type, teacher_num_inference_steps, teacher_guidance_scale, xformers)
+
+
+def assemble_models(tokenizer, text_encoder, vae, unet, noise_scheduler, teacher_pipeline, resolution, device,
+                    weight_dtype=torch.float32, lora_rank=64, lora_alpha=8, lora_target_modules=DEFAULT_TARGET_MODULES,
+                    gradient_checkpointing=False, prediction_type=None, teacher_num_inference_steps=1,
+                    teacher_guidance_scale=0.0, xformers=False):
+    """Freeze, build D from the base weights, add the LoRA, place and cast: the same for loaded models and
+    for the benchmarks' config-built ones. ``teacher_pipeline`` is already on ``device`` (or None)."""
+    from diffusers.training_utils import cast_training_params
+
     schedule = YOSOSchedule.from_scheduler(noise_scheduler, prediction_type)
     for frozen_model in (text_encoder, vae, unet):
         frozen_model.requires_grad_(False)
@@ -67,13 +81,12 @@ def load_models(base, teacher, resolution, device, weight_dtype=torch.float32, l
     discriminator.to(device, dtype=torch.float32)
 
     latent_source = None
-    if teacher is not None:
-        pipeline = load_teacher(teacher, weight_dtype, device, cache_dir=cache_dir)
-        latent_source = TeacherLatents(pipeline, teacher_num_inference_steps, teacher_guidance_scale)
+    if teacher_pipeline is not None:
+        latent_source = TeacherLatents(teacher_pipeline, teacher_num_inference_steps, teacher_guidance_scale)
     if xformers:
         unet.enable_xformers_memory_efficient_attention()
-        if latent_source is not None:
-            latent_source.pipeline.enable_xformers_memory_efficient_attention()
+        if teacher_pipeline is not None:
+            teacher_pipeline.enable_xformers_memory_efficient_attention()
         for module in discriminator.modules():
             if hasattr(module, "set_use_memory_efficient_attention_xformers"):
                 module.set_use_memory_efficient_attention_xformers(True)
