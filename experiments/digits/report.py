@@ -1,0 +1,179 @@
+"""The results table (markdown + JSON) and the sample figure (rows: methods; columns: digits 0-9)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# A 1-step YOSO row meets the issue's goal when it beats every base row (1, 2, 4 steps, both samplers) on
+# accuracy and on Fréchet distance, its Fréchet distance is within 1.5x the teacher's, and its diversity is
+# within 20% of the teacher's.
+FRECHET_FACTOR = 1.5
+DIVERSITY_TOLERANCE = 0.2
+
+
+def goal_check(rows):
+    """For each 1-step YOSO-LoRA row (not the ablations): the goal's four criteria, measured."""
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r)
+    base, teacher = by_group.get("base", []), (by_group.get("teacher") or [None])[0]
+    checks = []
+    if not base or teacher is None:
+        return checks
+    best_base_acc = max(r["accuracy"] for r in base)
+    best_base_fd = min(r["frechet"] for r in base)
+    for r in by_group.get("yoso", []):
+        if r["steps"] != 1:
+            continue
+        checks.append({
+            "row": r["name"],
+            "label": r["label"],
+            "base_rows_not_beaten_accuracy": [b["label"] for b in base if not r["accuracy"] > b["accuracy"]],
+            "base_rows_not_beaten_frechet": [b["label"] for b in base if not r["frechet"] < b["frechet"]],
+            "beats_base_accuracy": r["accuracy"] > best_base_acc,
+            "ties_base_accuracy": r["accuracy"] == best_base_acc,
+            "beats_base_frechet": r["frechet"] < best_base_fd,
+            "frechet_over_teacher": r["frechet"] / teacher["frechet"] if teacher["frechet"] > 0 else float("inf"),
+            "frechet_within_1.5x_teacher": r["frechet"] <= FRECHET_FACTOR * teacher["frechet"],
+            "diversity_over_teacher": r["diversity"] / teacher["diversity"] if teacher["diversity"] > 0 else float("inf"),
+            "diversity_within_20pct_teacher": abs(r["diversity"] - teacher["diversity"]) <= DIVERSITY_TOLERANCE * teacher["diversity"],
+            "best_base_accuracy": best_base_acc,
+            "best_base_frechet": best_base_fd,
+            "n_base_rows": len(base),
+        })
+    for c in checks:
+        c["all_met"] = all(c[k] for k in ("beats_base_accuracy", "beats_base_frechet", "frechet_within_1.5x_teacher",
+                                          "diversity_within_20pct_teacher"))
+    return checks
+
+
+def _yes(flag):
+    return "yes" if flag else "**no**"
+
+
+def _verdict(check, metric):
+    missed = check[f"base_rows_not_beaten_{metric}"]
+    n = check["n_base_rows"]
+    if not missed:
+        return "yes"
+    tie = ", ties the best" if metric == "accuracy" and check["ties_base_accuracy"] else ""
+    if len(missed) == n:
+        return f"**no**: beats none of {n}{tie}"
+    return f"**no**: beats {n - len(missed)} of {n}, not " + "; ".join(missed)
+
+
+def markdown_table(rows, classifier_info, command, extra=None, n_boot=25):
+    lines = [
+        "| Row | Steps | Guidance | Accuracy | Fréchet distance (± bootstrap sd) | Diversity | Sampling s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        ref = r["group"] == "reference"
+        steps = "" if ref else str(r["steps"])
+        guidance = "" if ref else f"{r['guidance']:g}"
+        seconds = "" if ref else f"{r['seconds']:.1f}"
+        sd = f" ± {r['frechet_sd']:.2f}" if "frechet_sd" in r and not (r["name"] == "real_test") else ""
+        lines.append(f"| {r['label']} | {steps} | {guidance} | {100 * r['accuracy']:.1f}% | {r['frechet']:.2f}{sd} | "
+                     f"{r['diversity']:.3f} | {seconds} |")
+    n = max((r["images"] for r in rows if r["group"] != "reference"), default=0)
+    text = [
+        f"Classifier test accuracy (real test split, {classifier_info['test_images']} images): "
+        f"**{100 * classifier_info['test_accuracy']:.1f}%**. Each generated row: {n} images "
+        f"({n // 10} per digit), same prompts and initial noise in every row.",
+        "",
+        *lines,
+        "",
+        "Accuracy: share of images the classifier reads as the digit asked for. Fréchet distance: between the "
+        "classifier's hidden features of the row's images and of the real test images (lower is better); "
+        f"± is its standard deviation over {n_boot} bootstrap resamples of both image sets. "
+        "Diversity: mean pixel distance between two images of the same digit at 8x8 (ink in [0, 1]); "
+        "mode collapse drives it to 0.",
+    ]
+    checks = goal_check(rows)
+    if checks:
+        text += ["", "Goal (issue #6), measured: a 1-step YOSO-LoRA row beats every base row on accuracy and "
+                 "Fréchet distance, is within 1.5x the teacher's Fréchet distance and within 20% of its diversity.", "",
+                 "| 1-step row | beats base accuracy | beats base Fréchet | Fréchet / teacher | diversity / teacher | all met |",
+                 "| --- | --- | --- | ---: | ---: | --- |"]
+        for c in checks:
+            text.append(f"| {c['label']} | {_verdict(c, 'accuracy')} | {_verdict(c, 'frechet')} | "
+                        f"{c['frechet_over_teacher']:.2f} | {c['diversity_over_teacher']:.2f} | {_yes(c['all_met'])} |")
+    if extra:
+        text += ["", *extra]
+    text += ["", f"Made by `{command}`."]
+    return "\n".join(text) + "\n"
+
+
+def sample_figure(rows, previews, path, per_digit=2, title=None):
+    """One row per method, one column per digit, ``per_digit`` samples side by side in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Cells at half resolution (32 px): the images hold 8x8 pixels of information, and the file stays small.
+    previews = {k: v.reshape(*v.shape[:2], v.shape[2] // 2, 2, v.shape[3] // 2, 2, 3).mean(axis=(3, 5)).round().astype(np.uint8)
+                for k, v in previews.items()}
+    first = next(iter(previews.values()))
+    size = first.shape[2]
+    gap, cell_gap = 1, 5
+    cell_w = per_digit * size + (per_digit - 1) * gap
+    width = 10 * cell_w + 9 * cell_gap
+    height = len(rows) * size + (len(rows) - 1) * cell_gap
+    mosaic = np.full((height, width, 3), 235, np.uint8)
+    for i, r in enumerate(rows):
+        p = previews[r["name"]]
+        y = i * (size + cell_gap)
+        for d in range(10):
+            for k in range(per_digit):
+                x = d * (cell_w + cell_gap) + k * (size + gap)
+                mosaic[y : y + size, x : x + size] = p[d, k]
+    dpi = 100  # one mosaic pixel per output pixel: sharp and small
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks([d * (cell_w + cell_gap) + cell_w / 2 for d in range(10)], [str(d) for d in range(10)])
+    ax.set_yticks([i * (size + cell_gap) + size / 2 for i in range(len(rows))], [r["label"] for r in rows], fontsize=8)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_xlabel(title, fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
+    plt.close(fig)
+    from PIL import Image
+
+    Image.open(path).convert("L").save(path, optimize=True)  # grey digits and black text: one channel
+    return str(path)
+
+
+def write_report(run_dir, results, figures_dir, prefix, command, meta, n_boot=25):
+    """Write ``<prefix>_results.md``, ``<prefix>_results.json`` and ``<prefix>_samples.png`` into ``figures_dir``."""
+    run_dir, figures_dir = Path(run_dir), Path(figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    classifier_info = json.loads((run_dir / "classifier.json").read_text())
+    from experiments.digits import classifier as C
+
+    clf = C.DigitClassifier.load(run_dir / "classifier.npz")
+    _, _, test8, _ = C.real_8x8_split()
+    reference = clf.features(test8)
+    rows = [{k: v for k, v in r.items() if k != "settings"} for r in results]
+    previews = {}
+    for r in rows:
+        with np.load(run_dir / "eval" / f"{r['name']}.npz") as f:
+            previews[r["name"]] = f["preview"]
+            r["frechet_sd"] = C.frechet_bootstrap_sd(clf.features(f["images8"]), reference, n_boot=n_boot)
+    figure_rows = [r for r in rows if r["name"] not in ("real_train", "vae_reconstruction")]
+    fig_path = sample_figure(figure_rows, previews, figures_dir / f"{prefix}_samples.png",
+                             title="first two samples per digit; every row starts from the same noise")
+    md = markdown_table(rows, classifier_info, command, meta.get("notes"), n_boot)
+    md_path = figures_dir / f"{prefix}_results.md"
+    md_path.write_text(md)
+    payload = {"command": command, "classifier": classifier_info, "rows": rows, "goal": goal_check(rows), **meta}
+    json_path = figures_dir / f"{prefix}_results.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    return {"markdown": str(md_path), "json": str(json_path), "figure": fig_path}

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""One command for the whole digits experiment (issue #6): base model, teacher, YOSO-LoRA trainings,
+evaluation, table and figure.
+
+    python experiments/digits/run.py            # full budgets; writes figures/digits_results.{md,json}, figures/digits_samples.png
+    python experiments/digits/run.py --quick    # tiny budgets (CI); writes its table and figure under its --out
+
+Stages, in order; each is skipped when its outputs exist and were made with the same settings:
+
+1. classifier    digit classifier on the real training split           OUT/classifier.{npz,json}
+2. base          text encoder, autoencoder, UNet; base + teacher       OUT/base, OUT/teacher, OUT/base_model.json
+3. yoso          prompts file, then `accelerate launch train_yoso_lora.py` for YOSO-LoRA and 3 ablations
+                                                                        OUT/yoso/<run>/
+4. evaluate      N images per digit for every row, metrics             OUT/eval/<row>.{json,npz}
+5. report        markdown + JSON table, sample figure                  FIGURES/<prefix>_results.{md,json}, <prefix>_samples.png
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from experiments.digits import data as D  # noqa: E402
+
+TRAIN_SCRIPT = REPO / "train_yoso_lora.py"
+
+FULL = {
+    "classifier_max_iter": 500,
+    "text_steps": 100, "text_lr": 1e-3,
+    "vae_steps": 500, "vae_batch": 32, "vae_lr": 2e-3, "vae_kl_weight": 1e-3,
+    "unet_channels": [32, 64], "unet_steps": 1700, "unet_batch": 128, "unet_lr": 1e-3, "caption_dropout": 0.1,
+    "unet_ema_decay": 0.998,
+    "yoso_steps": 240, "yoso_batch": 16, "yoso_lr": 5e-4, "yoso_rank": 16, "yoso_alpha": 16, "yoso_ema_decay": 0.99,
+    "yoso_runs": ["main", "sample_reduction", "no_adversarial", "no_consistency"],
+    "n_per_digit": 100, "eval_batch": 250, "fd_bootstrap": 25,
+}
+
+QUICK = {
+    "classifier_max_iter": 200,
+    "text_steps": 5, "text_lr": 1e-3,
+    "vae_steps": 4, "vae_batch": 8, "vae_lr": 2e-3, "vae_kl_weight": 1e-3,
+    "unet_channels": [32, 64], "unet_steps": 4, "unet_batch": 16, "unet_lr": 1e-3, "caption_dropout": 0.1,
+    "unet_ema_decay": 0.998,
+    "yoso_steps": 2, "yoso_batch": 2, "yoso_lr": 5e-4, "yoso_rank": 4, "yoso_alpha": 4, "yoso_ema_decay": 0.9,
+    "yoso_runs": ["main", "sample_reduction", "no_adversarial", "no_consistency"],
+    "n_per_digit": 2, "eval_batch": 250, "fd_bootstrap": 3,
+}
+
+BASE_KEYS = ("text_steps", "text_lr", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "unet_channels", "unet_steps", "unet_batch",
+             "unet_lr", "caption_dropout", "unet_ema_decay")
+YOSO_KEYS = ("yoso_steps", "yoso_batch", "yoso_lr", "yoso_rank", "yoso_alpha", "yoso_ema_decay")
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def log(message):
+    print(f"[digits {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _stage_done(marker, settings):
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("settings") == settings
+    except (OSError, ValueError):
+        return False
+
+
+def _mark(marker, settings, seconds, **extra):
+    marker.write_text(json.dumps({"settings": settings, "seconds": seconds, **extra}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def stage_classifier(out, budget, quiet):
+    from experiments.digits import classifier as C
+
+    settings = {"max_iter": budget["classifier_max_iter"]}
+    marker = out / "classifier.done.json"
+    if _stage_done(marker, settings) and (out / "classifier.npz").is_file():
+        log("classifier: done already")
+        return json.loads(marker.read_text())["seconds"]
+    t0 = time.time()
+    _, info = C.train_and_save(out, max_iter=budget["classifier_max_iter"])
+    seconds = time.time() - t0
+    _mark(marker, settings, seconds)
+    log(f"classifier: test accuracy {100 * info['test_accuracy']:.1f}% ({seconds:.0f} s)")
+    return seconds
+
+
+def stage_base(out, budget, seed, quiet, device):
+    from experiments.digits import base_model as B
+
+    settings = {k: budget[k] for k in BASE_KEYS} | {"seed": seed}
+    marker = out / "base.done.json"
+    if _stage_done(marker, settings) and (out / "base" / "model_index.json").is_file() \
+            and (out / "teacher" / "model_index.json").is_file():
+        log("base model: done already")
+        return json.loads(marker.read_text())["seconds"]
+    # A new base invalidates everything trained or measured on the old one.
+    for stale in ("yoso", "eval"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    t0 = time.time()
+    summary = B.train_base_model(out, {k: budget[k] for k in BASE_KEYS}, seed=seed, quiet=quiet, device=device)
+    seconds = time.time() - t0
+    _mark(marker, settings, seconds)
+    log(f"base model: saved {summary['base_dir']} and {summary['teacher_dir']} ({seconds:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ")")
+    return seconds
+
+
+def write_prompts(path):
+    """YOSO-LoRA's training prompts: the caption of every training image (templates drawn with a fixed seed),
+    one {"prompt": ...} per line."""
+    _, train_y, _, _ = D.load_split()
+    prompts = D.captions_for(train_y, seed=1)
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return len(prompts)
+
+
+def yoso_command(out, run_dir, budget, extra, seed, device):
+    from experiments.digits.evaluate import TEACHER_GUIDANCE, TEACHER_STEPS
+
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        *(["--cpu"] if device == "cpu" else []),
+        str(TRAIN_SCRIPT),
+        "--pretrained_model_name_or_path", str(out / "base"),
+        "--pretrained_teacher_model", str(out / "teacher"),
+        "--train_data", str(out / "yoso" / "prompts.jsonl"),
+        "--resolution", str(D.RESOLUTION),
+        "--output_dir", str(run_dir),
+        "--train_batch_size", str(budget["yoso_batch"]),
+        "--max_train_steps", str(budget["yoso_steps"]),
+        "--learning_rate", str(budget["yoso_lr"]),
+        "--lora_rank", str(budget["yoso_rank"]),
+        "--lora_alpha", str(budget["yoso_alpha"]),
+        "--teacher_num_inference_steps", str(TEACHER_STEPS),
+        "--teacher_guidance_scale", str(TEACHER_GUIDANCE),
+        "--use_ema", "--ema_decay", str(budget["yoso_ema_decay"]),
+        "--lambda_con", "2", "--lambda_kl", "0.5",
+        "--seed", str(seed),
+        "--mixed_precision", "no",
+        "--checkpointing_steps", "100000",
+        "--report_to", "none",
+        *extra,
+    ]
+
+
+def code_version():
+    """The commit, and whether the training code differs from it (read-only git; None outside a checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train_yoso_lora.py", "yoso"], cwd=REPO,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head or None, "training_code_modified": bool(dirty)}
+
+
+def stage_yoso(out, budget, seed, quiet, device):
+    from experiments.digits.evaluate import YOSO_RUNS
+
+    unknown = [r for r in budget["yoso_runs"] if r not in YOSO_RUNS]
+    if unknown or "main" not in budget["yoso_runs"]:
+        raise StageError(f"yoso_runs must include 'main' and name only {', '.join(YOSO_RUNS)}; got {budget['yoso_runs']}")
+    if not TRAIN_SCRIPT.is_file():
+        raise StageError(f"the YOSO stage needs the training script {TRAIN_SCRIPT}, which does not exist yet "
+                         "(issue: training script). Every other stage works without it: rerun with --skip-yoso.")
+    yoso_dir = out / "yoso"
+    yoso_dir.mkdir(parents=True, exist_ok=True)
+    n_prompts = write_prompts(yoso_dir / "prompts.jsonl")
+    seconds = {}
+    for name in budget["yoso_runs"]:
+        label, extra = YOSO_RUNS[name]
+        run_dir = yoso_dir / name
+        cmd = yoso_command(out, run_dir, budget, extra, seed, device)
+        settings = {k: budget[k] for k in YOSO_KEYS} | {"seed": seed, "extra": extra, "prompts": n_prompts}
+        marker = yoso_dir / f"{name}.done.json"
+        if _stage_done(marker, settings) and (run_dir / "pytorch_lora_weights.safetensors").is_file():
+            log(f"yoso {name}: done already")
+            seconds[name] = json.loads(marker.read_text())["seconds"]
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log(f"yoso {name} ({label}): {budget['yoso_steps']} steps x {budget['yoso_batch']} prompts")
+        t0 = time.time()
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if device == "cpu":
+            env["ACCELERATE_USE_CPU"] = "true"
+        log_path = yoso_dir / f"{name}.log"
+        with open(log_path, "w") as log_file:
+            log_file.write(" ".join(cmd) + "\n\n")
+            log_file.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=None if not quiet else log_file,
+                                  stderr=subprocess.STDOUT if quiet else None)
+        if proc.returncode != 0:
+            tail = log_path.read_text()[-3000:] if quiet else ""
+            raise StageError(f"train_yoso_lora.py failed for run '{name}' (exit {proc.returncode}); command in {log_path}\n{tail}")
+        for needed in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors", "latent_stats.safetensors"):
+            if not (run_dir / needed).is_file():
+                raise StageError(f"train_yoso_lora.py finished run '{name}' but wrote no {run_dir / needed}")
+        seconds[name] = time.time() - t0
+        _mark(marker, settings, seconds[name], command=cmd, code=code_version())
+        log(f"yoso {name}: {seconds[name]:.0f} s")
+    return seconds
+
+
+def stage_evaluate(out, budget, with_yoso, quiet, device):
+    from experiments.digits import evaluate as E
+
+    specs = E.row_specs(with_yoso=with_yoso, yoso_runs=budget["yoso_runs"])
+    t0 = time.time()
+    results = E.evaluate_rows(out, specs, budget["n_per_digit"], batch_size=budget["eval_batch"], quiet=quiet, device=device)
+    seconds = time.time() - t0
+    log(f"evaluation: {len(results)} rows ({seconds:.0f} s)")
+    return results, seconds
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The digits experiment: YOSO-LoRA on a small latent diffusion model.")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a few minutes): checks the pipeline, not the numbers")
+    p.add_argument("--out", default=None, help="run folder (default experiments/digits/runs/full or .../quick)")
+    p.add_argument("--figures", default=None, help="where the table and figure go (default figures/ for the full run, "
+                                                   "OUT/figures for --quick)")
+    p.add_argument("--skip-yoso", action="store_true", help="base, teacher and reference rows only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="cpu", help="torch device for training and sampling (default cpu; the "
+                   "budgets are sized for 2 CPU cores)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one budget entry (JSON value), e.g. --set unet_steps=5000; repeatable")
+    args = p.parse_args(argv)
+
+    variant = "quick" if args.quick else "full"
+    budget = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in budget:
+            p.error(f"--set {item}: unknown budget entry {key!r} (known: {', '.join(budget)})")
+        budget[key] = json.loads(value)
+    out = Path(args.out or REPO / "experiments" / "digits" / "runs" / variant).resolve()
+    figures = Path(args.figures or (out / "figures" if args.quick else REPO / "figures")).resolve()
+    prefix = "digits" if not args.quick else "digits_quick"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python experiments/digits/run.py" + (" --quick" if args.quick else "") + (" --skip-yoso" if args.skip_yoso else "") \
+        + "".join(f" --set {item}" for item in args.set) + (f" --device {args.device}" if args.device != "cpu" else "")
+    log(f"{variant} run in {out}")
+
+    timings = {}
+    t_all = time.time()
+    timings["classifier"] = stage_classifier(out, budget, args.quiet)
+    timings["base_model"] = stage_base(out, budget, args.seed, args.quiet, args.device)
+    yoso_seconds = {}
+    if not args.skip_yoso:
+        yoso_seconds = stage_yoso(out, budget, args.seed, args.quiet, args.device)
+        timings["yoso"] = yoso_seconds
+    results, timings["evaluation"] = stage_evaluate(out, budget, not args.skip_yoso, args.quiet, args.device)
+
+    from experiments.digits import evaluate as E
+    from experiments.digits import report as R
+
+    # Recorded time per stage: a skipped stage reports the time it took when it ran; evaluation sums the rows'
+    # recorded times (sampling and metrics).
+    timings["evaluation"] = sum(r.get("total_seconds", r.get("seconds", 0.0)) for r in results)
+    total_stage_seconds = timings["classifier"] + timings["base_model"] + sum(yoso_seconds.values()) + timings["evaluation"]
+    base_summary = json.loads((out / "base_model.json").read_text())
+    yoso_runs = {}
+    if not args.skip_yoso:
+        for name in budget["yoso_runs"]:
+            label, extra = E.YOSO_RUNS[name]
+            marker = json.loads((out / "yoso" / f"{name}.done.json").read_text())
+            cmd = marker.get("command", [])
+            script = cmd.index(str(TRAIN_SCRIPT)) if str(TRAIN_SCRIPT) in cmd else 0
+            yoso_runs[name] = {"label": label, "extra_flags": extra, "seconds": marker["seconds"], "code": marker.get("code"),
+                               "train_yoso_lora_args": [str(a).replace(str(out), "OUT") for a in cmd[script + 1:]]}
+    meta = {
+        "variant": variant,
+        "budget": budget,
+        "base_model": {k: base_summary[k] for k in base_summary if k not in ("base_dir", "teacher_dir")},
+        "yoso_runs": yoso_runs,
+        "stage_seconds": timings,
+        "total_stage_seconds": total_stage_seconds,
+        "total_seconds_this_invocation": time.time() - t_all,
+        "torch_threads": __import__("torch").get_num_threads(),
+        "device": args.device,
+    }
+    paths = R.write_report(out, results, figures, prefix, command, meta, n_boot=budget["fd_bootstrap"])
+    log("report: " + ", ".join(paths.values()))
+    log(f"total {time.time() - t_all:.0f} s")
+    return paths
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StageError as error:
+        sys.exit(f"run.py: error: {error}")

@@ -1,0 +1,216 @@
+"""The digits experiment (experiments/digits, issue #6): its metrics with numbers, its data handling, and
+the quick variant end to end (the pipeline and the table are produced; the numbers are not checked)."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+from experiments.digits import classifier as C  # noqa: E402
+from experiments.digits import data as D  # noqa: E402
+from experiments.digits import evaluate as E  # noqa: E402
+from experiments.digits import report as R  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_frechet_distance_of_identical_gaussians_is_zero():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    sigma = a @ a.T + 0.1 * np.eye(6)
+    mu = rng.normal(size=6)
+    assert C.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_of_shifted_gaussians_is_the_squared_shift():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5, 5))
+    sigma = a @ a.T + np.eye(5)
+    mu = rng.normal(size=5)
+    shift = np.array([3.0, 0.0, -4.0, 0.0, 0.0])  # |shift|^2 = 25
+    assert C.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(25.0, rel=1e-8)
+
+
+def test_frechet_distance_of_diagonal_gaussians_matches_the_closed_form():
+    # For diagonal covariances: |mu1 - mu2|^2 + sum_i (s1_i - s2_i)^2 with s the standard deviations.
+    s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([3.0, 2.0, 1.5])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 1.0, 0.0])
+    expected = 2.0 + (1 - 3) ** 2 + 0 + (0.5 - 1.5) ** 2
+    assert C.frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2)) == pytest.approx(expected, rel=1e-8)
+    # 1-D: N(0, 1) and N(2, 4) are (0 - 2)^2 + (1 - 2)^2 = 5 apart.
+    assert C.frechet_distance(0.0, 1.0, 2.0, 4.0) == pytest.approx(5.0, rel=1e-8)
+
+
+def test_frechet_distance_from_samples_approaches_the_gaussians_value():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20000, 3))
+    y = rng.normal(size=(20000, 3)) * np.array([1.0, 2.0, 1.0]) + np.array([0.5, 0.0, 0.0])
+    expected = 0.25 + (2.0 - 1.0) ** 2
+    assert C.frechet_distance_features(x, y) == pytest.approx(expected, abs=0.06)
+    assert C.frechet_distance_features(x, x) == pytest.approx(0.0, abs=1e-6)
+    sd = C.frechet_bootstrap_sd(x[:500], y[:500], n_boot=10)
+    assert 0.0 < sd < 0.5 and sd == C.frechet_bootstrap_sd(x[:500], y[:500], n_boot=10)  # seeded
+
+
+def test_frechet_distance_survives_singular_covariances():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 10))  # fewer samples than dimensions: a singular covariance
+    value = C.frechet_distance_features(x, rng.normal(size=(7, 10)))
+    assert math.isfinite(value) and value >= 0
+
+
+def test_diversity_of_identical_images_is_zero_and_of_known_pairs_is_their_distance():
+    same = np.ones((5, 8, 8)) * 0.3
+    assert C.mean_pairwise_distance(same) == 0.0
+    assert C.diversity(same, np.zeros(5, dtype=int)) == 0.0
+    a, b = np.zeros((8, 8)), np.zeros((8, 8))
+    b[0, :4] = 1.0  # distance 2
+    assert C.mean_pairwise_distance(np.stack([a, b])) == pytest.approx(2.0)
+    # Three images at distances 2, 2 and 0 -> mean 4/3.
+    assert C.mean_pairwise_distance(np.stack([a, b, a])) == pytest.approx(4.0 / 3.0)
+    # diversity averages over digits: digit 0 has distance 2, digit 1 identical images -> 1.
+    images = np.stack([a, b, a, a])
+    assert C.diversity(images, np.array([0, 0, 1, 1])) == pytest.approx(1.0)
+    assert C.mean_pairwise_distance(a[None]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digit_classifier")
+    clf, info = C.train_and_save(folder)  # asserts numpy forward == sklearn's predictions internally
+    return clf, info, folder
+
+
+def test_metrics_of_the_real_test_split_against_itself(trained_classifier):
+    clf, info, _ = trained_classifier
+    acc = info["test_accuracy"]
+    _, _, test8, test_y = C.real_8x8_split()
+    m = C.metrics(clf, test8, test_y, clf.features(test8))
+    assert m["accuracy"] == pytest.approx(acc)
+    assert m["frechet"] == pytest.approx(0.0, abs=1e-6)
+    assert m["diversity"] > 0.5
+    assert len(m["per_digit_accuracy"]) == 10
+
+
+def test_classifier_reaches_the_issues_accuracy_and_its_numpy_pass_is_sklearns(trained_classifier):
+    _, info, folder = trained_classifier
+    assert info["test_accuracy"] >= 0.97
+    loaded = C.DigitClassifier.load(folder / "classifier.npz")
+    _, _, test8, test_y = C.real_8x8_split()
+    assert loaded.accuracy(test8, test_y) == pytest.approx(info["test_accuracy"])
+    assert loaded.features(test8).shape == (len(test8), C.HIDDEN_UNITS)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_split_upscale_and_round_trip():
+    train_x, train_y, test_x, test_y = D.load_split()
+    assert len(train_x) + len(test_x) == 1797 and len(test_x) == 360
+    assert set(np.unique(test_y)) == set(range(10))
+    again = D.load_split()
+    assert np.array_equal(again[3], test_y)  # fixed seed
+    up = D.upscale(test_x[:4])
+    assert tuple(up.shape) == (4, 3, 64, 64) and up.min() >= -1 and up.max() <= 1
+    assert np.abs(D.to_8x8(up) - test_x[:4]).mean() < 0.1  # bilinear up, box down: close to the original
+
+
+def test_captions_name_the_digit():
+    assert D.caption(7, 0) == "a handwritten digit seven"
+    assert D.caption(7, 1) == "the number 7"
+    prompts, labels = D.eval_prompts(3)
+    assert len(prompts) == 30 and list(labels[:3]) == [0, 0, 0]
+    for p, label in zip(prompts, labels):
+        assert D.DIGIT_WORDS[label] in p or str(label) in p
+    assert len(set(D.all_prompts())) == 10 * len(D.TEMPLATES)
+
+
+def test_row_catalogue_covers_the_issue():
+    names = [s.name for s in E.row_specs()]
+    assert len(names) == len(set(names))
+    for needed in ("base_lcm_1", "base_lcm_2", "base_lcm_4", "base_dpm_1", "base_dpm_2", "base_dpm_4", "teacher",
+                   "yoso_ema_1", "yoso_ema_1_ipi", "yoso_ema_2", "yoso_ema_4", "yoso_non_ema_1", "yoso_non_ema_1_ipi",
+                   "sample_reduction_1", "no_adversarial_1", "no_consistency_1"):
+        assert needed in names
+    assert "yoso_ema_1" not in [s.name for s in E.row_specs(with_yoso=False)]
+
+
+def test_goal_check_reports_ties_and_ratios():
+    rows = [
+        {"name": "b", "label": "b", "group": "base", "steps": 1, "accuracy": 1.0, "frechet": 9.0, "diversity": 1.0},
+        {"name": "t", "label": "t", "group": "teacher", "steps": 25, "accuracy": 1.0, "frechet": 1.0, "diversity": 1.5},
+        {"name": "y", "label": "y", "group": "yoso", "steps": 1, "accuracy": 1.0, "frechet": 1.2, "diversity": 1.4},
+        {"name": "y2", "label": "y2", "group": "yoso", "steps": 2, "accuracy": 1.0, "frechet": 1.2, "diversity": 1.4},
+    ]
+    (check,) = R.goal_check(rows)
+    assert check["row"] == "y" and not check["beats_base_accuracy"] and check["ties_base_accuracy"]
+    assert check["beats_base_frechet"] and check["frechet_within_1.5x_teacher"]
+    assert check["diversity_within_20pct_teacher"] and not check["all_met"]
+    assert check["frechet_over_teacher"] == pytest.approx(1.2)
+
+
+# ------------------------------------------------------------------------------------ quick variant
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits_quick")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "digits" / "run.py"), "--quick", "--quiet",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, time.time() - t0, proc.stdout
+
+
+def test_quick_variant_produces_pipelines_table_and_figure(quick_run):
+    out, _, _ = quick_run
+    from diffusers import AutoPipelineForText2Image, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(out / "base")
+    assert base.vae.config.latent_channels == 4 and len(base.vae.config.block_out_channels) == 4  # scale factor 8
+    assert base.tokenizer.model_max_length == 77 and base.tokenizer("the number 7").input_ids[0] == 49406
+    assert base.vae.config.scaling_factor != 1.0  # set from the training latents
+    teacher = AutoPipelineForText2Image.from_pretrained(out / "teacher")
+    assert isinstance(teacher.scheduler, DPMSolverMultistepScheduler)
+
+    classifier = json.loads((out / "classifier.json").read_text())
+    assert 0.0 < classifier["test_accuracy"] <= 1.0
+
+    figures = out / "figures"
+    md = (figures / "digits_quick_results.md").read_text()
+    payload = json.loads((figures / "digits_quick_results.json").read_text())
+    assert (figures / "digits_quick_samples.png").stat().st_size > 1000
+    names = [r["name"] for r in payload["rows"]]
+    assert names == [s.name for s in E.row_specs()]
+    for row in payload["rows"]:
+        for key in ("accuracy", "frechet", "frechet_sd", "diversity"):
+            assert math.isfinite(row[key]), (row["name"], key)
+        assert row["label"] in md
+        if row["group"] != "reference":
+            assert row["images"] == 20
+    assert "Classifier test accuracy" in md and payload["classifier"]["test_accuracy"] == classifier["test_accuracy"]
+    assert {c["row"] for c in payload["goal"]} == {"yoso_ema_1", "yoso_ema_1_ipi", "yoso_non_ema_1", "yoso_non_ema_1_ipi"}
+    for run in ("main", "sample_reduction", "no_adversarial", "no_consistency"):
+        assert (out / "yoso" / run / "pytorch_lora_weights.safetensors").is_file()
+        assert (out / "yoso" / run / "latent_stats.safetensors").is_file()
+    assert payload["yoso_runs"]["no_adversarial"]["extra_flags"] == ["--lambda_adv", "0"]
+
+
+def test_quick_variant_rerun_skips_finished_stages(quick_run):
+    out, _, _ = quick_run
+    before = {p: p.stat().st_mtime for p in [out / "base" / "unet" / "diffusion_pytorch_model.safetensors",
+                                              out / "yoso" / "main" / "pytorch_lora_weights.safetensors",
+                                              out / "eval" / "teacher.npz"]}
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "digits" / "run.py"), "--quick", "--quiet",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "base model: done already" in proc.stdout and "yoso main: done already" in proc.stdout
+    assert {p: p.stat().st_mtime for p in before} == before
