@@ -128,22 +128,23 @@ def _text_encoder(hidden_size, seed, num_layers=2):
     return CLIPTextModel(config).eval()
 
 
-def _vae(seed, sample_size):
+def make_vae(seed, sample_size, block_out_channels=(8, 16, 16, 16), scaling_factor=0.18215):
+    """An SD-shaped AutoencoderKL with random weights: four encoder blocks -> three downsamplings -> SD's
+    scale factor 8, and 4 latent channels."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    # Four encoder blocks -> three downsamplings -> the scale factor 8 of SD's VAE, 4 latent channels.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=block_out_channels[0],
         sample_size=sample_size,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     ).eval()
 
 
@@ -176,7 +177,7 @@ def build_tiny_sd15(path, resolution=64, block_out_channels=(32, 64), text_hidde
 
     latent = resolution // 8
     pipe = StableDiffusionPipeline(
-        vae=_vae(seed + 1, resolution),
+        vae=make_vae(seed + 1, resolution),
         text_encoder=_text_encoder(text_hidden_size, seed + 2),
         tokenizer=make_clip_tokenizer(),
         unet=_unet(seed + 3, latent, block_out_channels, text_hidden_size),
@@ -197,7 +198,7 @@ def build_tiny_teacher(path, resolution=64, block_out_channels=(32, 64), text_hi
 
     latent = resolution // 8
     pipe = StableDiffusionPipeline(
-        vae=_vae(seed + 1, resolution),
+        vae=make_vae(seed + 1, resolution),
         text_encoder=_text_encoder(text_hidden_size, seed + 2),
         tokenizer=make_clip_tokenizer(pad_token="!"),
         unet=_unet(seed + 3, latent, block_out_channels, text_hidden_size, linear_projection=True),

@@ -101,21 +101,10 @@ def pretrain_text_encoder(text_encoder, tokenizer, steps, lr, seed, quiet=False)
 
 
 def build_vae(seed):
-    from diffusers import AutoencoderKL
+    from yoso.testing import make_vae
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=VAE_CHANNELS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=VAE_CHANNELS[0],
-        sample_size=D.RESOLUTION,
-        scaling_factor=1.0,
-    )
+    # scaling_factor 1.0 for now: base_model sets the real one from the trained latents' std.
+    return make_vae(seed, D.RESOLUTION, VAE_CHANNELS, scaling_factor=1.0).train()
 
 
 def train_vae(vae, images, steps, batch_size, lr, kl_weight, seed, quiet=False, device="cpu"):
