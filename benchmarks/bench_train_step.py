@@ -49,6 +49,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from yoso.atomic import atomic_path  # noqa: E402
+
 PHASES = ("data", "teacher", "generator", "feature_net", "discriminator", "backward", "optimizer", "ema")
 
 # Dense FP16/BF16 tensor-core peaks from the vendors' datasheets (TFLOP/s), matched against the device name
@@ -523,11 +525,8 @@ class Bench:
     def write(self):
         if not self.args.output:
             return
-        path = Path(self.args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.report, indent=2) + "\n")
-        os.replace(tmp, path)
+        with atomic_path(self.args.output) as tmp:
+            tmp.write_text(json.dumps(self.report, indent=2) + "\n")
 
     def run(self):
         args = self.args

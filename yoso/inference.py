@@ -20,7 +20,6 @@ Everything the command line reports to a user goes through :class:`InferenceErro
 one line.
 """
 
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from yoso.atomic import atomic_path
 from yoso.lora import LORA_WEIGHT_NAME
 
 LATENT_STATS_NAME = "latent_stats.safetensors"
@@ -78,14 +78,8 @@ def save_latent_stats(path, mean, std, count):
         raise ValueError(f"count must be >= 1, got {count}")
     tensors = {"mean": mean, "std": std.reshape(()).clone(), "count": torch.tensor(count, dtype=torch.int64)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -115,11 +109,13 @@ def load_latent_stats(path):
 
 
 def compute_latent_stats(latents):
-    """Mean latent ``[C, h, w]`` and the std of ``latents`` [N, C, h, w] around it over all elements."""
-    latents = latents.detach().to(torch.float32)
-    mean = latents.mean(dim=0)
-    std = (latents - mean).pow(2).mean().sqrt()
-    return mean, std
+    """Mean latent ``[C, h, w]`` and the std of ``latents`` [N, C, h, w] around it over all elements: the
+    same statistics the training accumulates (``yoso.teacher.LatentStats``), so IPI sees one definition."""
+    from yoso.teacher import LatentStats  # teacher imports this module for the file format
+
+    stats = LatentStats(latents.shape[1:])
+    stats.update(latents)
+    return stats.mean(), torch.tensor(stats.std(), dtype=torch.float32)
 
 
 def find_latent_stats(lora_source, explicit=None):

@@ -31,12 +31,12 @@ repeats. Within the cached epochs, training from the cache equals on-the-fly tra
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .data import ShardedPromptSampler
 from .teacher import teacher_noise, teacher_noise_seeds
 
@@ -131,21 +131,13 @@ def _shard_settings(metadata):
 def _atomic_save(tensors, metadata, path):
     from safetensors.torch import save_file
 
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _atomic_write_text(text, path):
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _encode_prompts(prompts):

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 VALIDATION_STEPS = (1, 2)
 
 
@@ -52,9 +54,8 @@ def save_and_log_validation(accelerator, columns, images, prompts, step, output_
     folder.mkdir(parents=True, exist_ok=True)
     grid = make_image_grid(images, rows=len(prompts), cols=len(columns))
     path = folder / f"step-{step:06d}.png"
-    tmp = path.with_suffix(".tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp)
     (folder / "README.txt").write_text(
         "Each grid: one row per validation prompt; columns, left to right: " + ", ".join(columns) + ".\n"
         + "Prompts:\n" + "\n".join(f"  {i + 1}. {p}" for i, p in enumerate(prompts)) + "\n"
