@@ -251,17 +251,17 @@ def train(args, prompts, accelerator, output_dir):
         accelerator.register_for_checkpointing(obj)
 
     # Checkpoints hold the LoRA (diffusers format) and D, not the 860M frozen base weights.
-    def save_model_hook(models, weights, folder):
+    def save_model_hook(_models, weights, folder):
         if accelerator.is_main_process:
             save_lora(unet_module, folder)
             save_file({k: v.detach().cpu().contiguous() for k, v in discriminator_module.state_dict().items()},
                       os.path.join(folder, "discriminator.safetensors"))
-        weights.clear()
+        weights.clear()  # saved above; accelerate must not write the full (860M) UNet
 
-    def load_model_hook(models, folder):
+    def load_model_hook(prepared_models, folder):
         load_lora_into_unet(unet_module, folder)
         discriminator_module.load_state_dict(load_file(os.path.join(folder, "discriminator.safetensors")))
-        models.clear()
+        prepared_models.clear()  # loaded above; accelerate must not look for full model weights
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
