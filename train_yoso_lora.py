@@ -24,6 +24,7 @@ from yoso.data import PromptFileError
 from yoso.latent_cache import LatentCacheError, check_cache_for_run
 from yoso.lora import DEFAULT_TARGET_MODULES
 from yoso.losses import GAN_REDUCTIONS
+from yoso.precision import fp16_error
 from yoso.step import NonFiniteLossError
 
 logger = logging.getLogger("train_yoso_lora")
@@ -155,6 +156,8 @@ def main(argv=None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
+    if fp16_error(accelerator):  # still before any model loads
+        sys.exit(f"train_yoso_lora.py: error: {fp16_error(accelerator)}")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger = get_logger("train_yoso_lora")
     logger.info(accelerator.state, main_process_only=False)
@@ -247,7 +250,16 @@ def train(args, prompts, accelerator, output_dir):
     ema = LoRAEMA(lora_named_parameters(unet_module), args.ema_decay) if args.use_ema else None
     latent_stats = LatentStats(models.latent_shape)
     state = TrainState()
-    for obj in [state, latent_stats] + ([ema] if ema is not None else []):
+    trainer = YOSOTrainingStep(
+        accelerator, unet, discriminator, models.feature_net, text_encoder, models.latent_source, models.schedule,
+        optimizer_g, optimizer_d, lr_scheduler, ema,
+        YOSOLossConfig(args.lambda_con, args.lambda_kl, args.lambda_adv, args.snr_gamma, args.coop_gap,
+                       args.consistency_gap, args.gan_loss_reduction, args.noise_offset, args.max_grad_norm),
+        models.latent_shape, seed=args.seed,
+    )
+    # accelerate saves its own (G's) scaler as scaler.pt; D's fp16 scaler is registered here, last.
+    checkpointed = [state, latent_stats, ema, trainer.discriminator_scaler]
+    for obj in (o for o in checkpointed if o is not None):
         accelerator.register_for_checkpointing(obj)
 
     # Checkpoints hold the LoRA (diffusers format) and D, not the 860M frozen base weights.
@@ -286,14 +298,6 @@ def train(args, prompts, accelerator, output_dir):
             accelerator.load_state(str(path))
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
-
-    trainer = YOSOTrainingStep(
-        accelerator, unet, discriminator, models.feature_net, text_encoder, models.latent_source, models.schedule,
-        optimizer_g, optimizer_d, lr_scheduler, ema,
-        YOSOLossConfig(args.lambda_con, args.lambda_kl, args.lambda_adv, args.snr_gamma, args.coop_gap,
-                       args.consistency_gap, args.gan_loss_reduction, args.noise_offset, args.max_grad_norm),
-        models.latent_shape, seed=args.seed,
-    )
 
     def tokenize(indices):
         batch_prompts = [prompts[i] for i in indices]

@@ -20,8 +20,26 @@ def fresh_accelerator(**kwargs):
     return Accelerator(cpu=True, **kwargs)
 
 
+def emulate_gpu_fp16(accelerator, fp16_arithmetic=True, **scaler_kwargs):
+    """Give a CPU fp16 accelerator what accelerate gives a GPU: a GradScaler and fp16 autocast.
+
+    With ``fp16_arithmetic=False`` the step runs in fp32 with loss scaling only: scaling by powers of
+    two is then exact, so a scaled run must equal an unscaled one.
+    """
+    from accelerate.utils import AutocastKwargs
+
+    assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+    if not fp16_arithmetic:  # both accelerator.autocast() and prepare()'s forward wrapper read this
+        accelerator.autocast_handler = AutocastKwargs(enabled=False)
+    return accelerator
+
+
 def build_trainer(base, teacher, mixed_precision="no", gradient_accumulation_steps=1, gradient_checkpointing=False,
-                  use_ema=True, ema_decay=0.9, lr=1e-3, lora_rank=4, teacher_steps=1, seed=0, resolution=64, **config):
+                  use_ema=True, ema_decay=0.9, lr=1e-3, lora_rank=4, teacher_steps=1, seed=0, resolution=64,
+                  grad_scaler=None, fp16_arithmetic=True, **config):
+    """``grad_scaler``: GradScaler settings to emulate GPU fp16 on CPU (``mixed_precision="fp16"``)."""
     from diffusers.optimization import get_scheduler
 
     from yoso.ema import LoRAEMA
@@ -30,8 +48,12 @@ def build_trainer(base, teacher, mixed_precision="no", gradient_accumulation_ste
     from yoso.step import YOSOLossConfig, YOSOTrainingStep
 
     accelerator = fresh_accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
+    if grad_scaler is not None:
+        emulate_gpu_fp16(accelerator, fp16_arithmetic, **grad_scaler)
     torch.manual_seed(seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    if not fp16_arithmetic:
+        weight_dtype = torch.float32
     models = load_models(base, teacher, resolution, accelerator.device, weight_dtype, lora_rank=lora_rank, lora_alpha=8,
                          gradient_checkpointing=gradient_checkpointing, teacher_num_inference_steps=teacher_steps)
     optimizer_g, optimizer_d = make_optimizers(models.unet, models.discriminator, lr, lr)

@@ -182,7 +182,7 @@ def test_nan_loss_stops_and_leaves_outputs_untouched(run_a, tiny_base, tiny_teac
 def run_script(args, timeout=120):
     return subprocess.run([sys.executable, str(REPO / "train_yoso_lora.py")] + [str(a) for a in args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +212,7 @@ BAD_CASES = {
     "lora target": ({"lora_target_modules": ["to_q", "to_qq"]}, ["--lora_target_modules", "to_qq"]),
     "xformers": ({"enable_xformers_memory_efficient_attention": True}, ["--enable_xformers_memory_efficient_attention", "not installed"]),
     "bitsandbytes": ({"use_8bit_adam": True}, ["--use_8bit_adam", "not installed"]),
+    "fp16 without a GPU": ({"mixed_precision": "fp16"}, ["--mixed_precision fp16 needs a GPU", "bf16"]),
     "resume path": ({"resume_from_checkpoint": "{root}/checkpoint-7"}, ["--resume_from_checkpoint", "no such checkpoint"]),
 }
 

@@ -13,6 +13,7 @@ One concept per module:
 - ``latent_cache``  precomputed teacher latents (train without loading the teacher)
 - ``models``        loading and placing every model of a run (shared by script, tests, benchmarks)
 - ``step``          one YOSO training step (the D update, the G update, EMA)
+- ``precision``     fp16 with two optimizers: D's own gradient scaler; fp16 refused without a GPU
 - ``checkpoint``    atomic checkpoint folders, ``latest``, pruning
 - ``validation``    1-/2-step validation grids from the LoRA and its EMA
 - ``checks``        command-line validation that fails in one line before any model loads

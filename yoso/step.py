@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import consistency_loss, data_loss, discriminator_loss, generator_adversarial_loss
+from .precision import scaled_backward, separate_discriminator_scaler
 from .teacher import teacher_noise, teacher_noise_seeds
 from .unet_encoder import gradient_checkpointing_disabled
 
@@ -60,7 +61,8 @@ class YOSOTrainingStep:
 
     ``unet`` and ``discriminator`` are what ``accelerator.prepare`` returned (DDP-wrapped when distributed).
     The passes that must not touch DDP's gradient bookkeeping (no-grad passes, F, D scoring G's output)
-    use the unwrapped modules.
+    use the unwrapped modules. Under fp16, D's optimizer gets its own gradient scaler
+    (``discriminator_scaler``, see ``yoso.precision``); a run must checkpoint it.
     """
 
     def __init__(self, accelerator, unet, discriminator, feature_net, text_encoder, latent_source, schedule,
@@ -83,6 +85,7 @@ class YOSOTrainingStep:
         self.seed = seed
         self.timer = timer
         self.lora_parameters = [p for p in self.unet_module.parameters() if p.requires_grad]
+        self.discriminator_scaler = separate_discriminator_scaler(accelerator, optimizer_d)
 
     def _check_finite(self, name, value):
         # All ranks must take the same decision, or one would wait forever in the next collective.
@@ -136,7 +139,7 @@ class YOSOTrainingStep:
                 logits_real, logits_fake = logits.chunk(2)
                 loss_d = discriminator_loss(logits_real, logits_fake, cfg.gan_loss_reduction)
                 self._check_finite("discriminator loss", loss_d)
-                accelerator.backward(loss_d)
+                scaled_backward(accelerator, loss_d, self.discriminator_scaler)
                 self.optimizer_d.step()
                 self.optimizer_d.zero_grad(set_to_none=True)
 
@@ -165,7 +168,8 @@ class YOSOTrainingStep:
             self.lr_scheduler.step()
             self.optimizer_g.zero_grad(set_to_none=True)
         with timer("ema"):
-            if self.ema is not None and accelerator.sync_gradients:
+            # An fp16 overflow skips G's step; the LoRA did not move, so neither does its average.
+            if self.ema is not None and accelerator.sync_gradients and not self.optimizer_g.step_was_skipped:
                 self.ema.update()
 
         return {
