@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's performance section, in one call on one GPU (about 3-5 minutes on an H100):
-# the sd15 configuration (SD1.5 base, SD-Turbo teacher, 512 px, LoRA rank 64), fp16, batch 4 and 16,
-# gradient checkpointing off and on, teacher-latent cache off and on.
+# Everything this project measures on a GPU, in one call on one GPU (about 4-6 minutes on an H100):
+# 1. benchmarks/fp16_end_to_end.py: train_yoso_lora.py in fp16 on the tiny models (train, resume, load, sample);
+# 2. the README's performance figures: the sd15 configuration (SD1.5 base, SD-Turbo teacher, 512 px, LoRA
+#    rank 64), fp16, batch 4 and 16, gradient checkpointing off and on, teacher-latent cache off and on.
 #
-#   OUT=/some/dir bash benchmarks/gpu_run.sh            # writes $OUT/bench_sd15_<card>.json, .md and gpu_run.log
-#   OUT=/tmp/x bash benchmarks/gpu_run.sh --dry-run     # the same script on CPU with the tiny models (a check)
+#   OUT=/some/dir bash benchmarks/gpu_run.sh   # $OUT/fp16_e2e_<card>.json (+ _validation.png),
+#                                              # $OUT/bench_sd15_<card>.json, .md and gpu_run.log
+#   OUT=/tmp/x bash benchmarks/gpu_run.sh --dry-run   # the same on CPU: tiny models, fp16 emulated (a check)
+#
+# On a machine without this project's packages, install the pinned wheels first, e.g. from a folder made with
+#   pip download --no-deps -d .whl diffusers==0.42.1 peft==0.21.2 transformers==5.24.0 open_clip_torch==3.3.0
+# and `pip install --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site` there.
 #
 # Needs torch (CUDA), diffusers, transformers, accelerate, peft, safetensors, psutil and open_clip_torch
 # (only its BPE vocabulary file) importable; nothing is downloaded. Each configuration's result is written to
@@ -47,6 +53,13 @@ print("cuda available:", torch.cuda.is_available(), "| torch cuda:", torch.versi
       "| device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 EOF
 
+echo "== fp16 end-to-end training check"
+E2E_ARGS=(--output_dir "$OUT")
+[ "$DRY_RUN" = 1 ] && E2E_ARGS+=(--emulate_on_cpu)
+timeout --signal=TERM --kill-after=15 "${E2E_TIMEOUT:-360}" "$PY" benchmarks/fp16_end_to_end.py "${E2E_ARGS[@]}"
+E2E_RC=$?
+echo "== fp16 end-to-end exit code $E2E_RC"
+
 if [ "$DRY_RUN" = 1 ]; then
   CARD=dryrun
   ARGS=(--config tiny --device cpu --mixed_precision no --batch_size 2 4 --gradient_checkpointing off on
@@ -83,4 +96,5 @@ else
   echo "gpu_run.sh: no JSON was written"
 fi
 ls -la "$OUT"
+[ "$RC" = 0 ] && RC=$E2E_RC
 exit "$RC"

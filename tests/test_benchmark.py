@@ -61,7 +61,13 @@ def test_gpu_script_dry_run(tmp_path):
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh"), "--dry-run"], capture_output=True,
                             text=True, timeout=900, env={**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_tiny_dryrun.json", "bench_tiny_dryrun.md", "gpu_run.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench_tiny_dryrun.json", "bench_tiny_dryrun.md", "fp16_e2e_cpuemulatedfp16.json",
+        "fp16_e2e_cpuemulatedfp16_validation.png", "gpu_run.log"]
+    e2e = json.loads((tmp_path / "fp16_e2e_cpuemulatedfp16.json").read_text())
+    assert e2e["passed"] and len(e2e["checks"]) == 7 and all(e2e["checks"].values())
+    assert max(e2e["resume"]["max_abs_difference"].values()) <= 1e-6  # CPU: exact
+    assert len(e2e["losses"]["loss_kl"]) == e2e["steps"]
     report = json.loads((tmp_path / "bench_tiny_dryrun.json").read_text())
     check_report(report, [f"bs{b}-gc_{g}-cache_{c}" for c in ("off", "on") for b in (2, 4) for g in ("off", "on")])
     log = (tmp_path / "gpu_run.log").read_text()
