@@ -175,10 +175,12 @@ def test_fp16_resume_matches_uninterrupted_run(fp16_run, tiny_base, tiny_teacher
 
 
 def test_fp16_two_processes_hold_identical_weights(tiny_base, tiny_teacher, tmp_path):
+    """The published recipe's combination: fp16, DDP, accumulation, gradient checkpointing, EMA."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     dump = tmp_path / "dump"
     result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts, tmp_path / "out", steps=2, train_batch_size=2,
-                                    mixed_precision="fp16", gradient_accumulation_steps=2, report_to="none"),
+                                    mixed_precision="fp16", gradient_accumulation_steps=2, gradient_checkpointing=True,
+                                    use_ema=True, report_to="none"),
                     num_processes=2, script="tests/fp16_on_cpu.py",
                     env={**FP16_ENV, "YOSO_DUMP_RANK_WEIGHTS": str(dump)})
     assert result.returncode == 0, result.stderr[-3000:]

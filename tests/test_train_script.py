@@ -241,3 +241,38 @@ def test_bad_input_fails_in_one_line_before_loading(case, bad_inputs, tiny_base,
     for fragment in expected:
         assert fragment in lines[0], (fragment, lines[0])
     assert not Path(values["output_dir"]).exists()  # nothing written, no model loaded
+
+
+# The published README's command (../shared/seed-README.md), flag for flag, minus xformers (CUDA-only).
+PUBLISHED_COMMAND = ("--pretrained_model_name_or_path=runwayml/stable-diffusion-v1-5 --use_ema --train_batch_size=16 "
+                     "--gradient_accumulation_steps=4 --gradient_checkpointing --max_train_steps=5000 "
+                     "--learning_rate=2e-05 --max_grad_norm=1")
+
+
+def readme_train_command():
+    """The flags of the `accelerate launch ... train_yoso_lora.py` command in README.md's Train section."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Train", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    command = next(line for line in block.replace("\\\n", " ").splitlines() if "train_yoso_lora.py" in line)
+    words = shlex.split(command)
+    return words[words.index("train_yoso_lora.py") + 1:]
+
+
+def test_published_and_readme_commands_parse_to_the_recipe():
+    from train_yoso_lora import parse_args
+
+    published = parse_args(PUBLISHED_COMMAND.split())
+    readme = parse_args(readme_train_command())
+    for args in (published, readme):
+        # SPEC section 4: the recipe's values, and the defaults the published command relies on.
+        assert (args.train_batch_size, args.gradient_accumulation_steps, args.max_train_steps) == (16, 4, 5000)
+        assert args.learning_rate == 2e-5 and args.max_grad_norm == 1 and args.use_ema and args.gradient_checkpointing
+        assert (args.lora_rank, args.lora_alpha, args.lambda_con, args.lambda_kl, args.snr_gamma) == (64, 8, 2, 0.5, 5)
+        assert (args.coop_gap, args.consistency_gap, args.ema_decay, args.gan_loss_reduction) == (250, 25, 0.999, "batch")
+        assert args.pretrained_model_name_or_path == "runwayml/stable-diffusion-v1-5"
+    assert published.pretrained_teacher_model == readme.pretrained_teacher_model == "stabilityai/sd-turbo"
+    assert published.train_data == readme.train_data == "train_anno.jsonl"
+    assert published.resolution == readme.resolution == 512
+    assert readme.validation_prompts and readme.checkpoints_total_limit == 3
