@@ -188,3 +188,30 @@ def test_fp16_two_processes_hold_identical_weights(tiny_base, tiny_teacher, tmp_
     rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_fp16_training_from_the_teacher_cache_equals_on_the_fly(tiny_base, tiny_teacher, tmp_path):
+    """The README's cache commands use fp16: fp16 teacher latents stored, then read back, train the same."""
+    from harness import REPO
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=16)
+    cache = tmp_path / "cache"
+    result = launch([REPO / "precompute_teacher_latents.py", "--pretrained_teacher_model", tiny_teacher,
+                     "--train_data", prompts, "--resolution", "64", "--seed", "0", "--output_dir", cache,
+                     "--train_batch_size", "4", "--mixed_precision", "fp16"],
+                    script="tests/fp16_on_cpu.py", env=FP16_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["mixed_precision"] == "fp16" and info["dtype"] == "float16"
+
+    common = dict(steps=3, mixed_precision="fp16", use_ema=True, report_to="none")
+    outputs = {}
+    for name, extra in (("on_the_fly", {}), ("cached", {"teacher_latent_cache": cache})):
+        outputs[name] = tmp_path / name
+        result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts, outputs[name], **common, **extra),
+                        script="tests/fp16_on_cpu.py", env=FP16_ENV)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "the teacher is not loaded" in result.stderr
+    for name in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors",
+                 "latent_stats.safetensors"):
+        assert max_difference(load_file(outputs["on_the_fly"] / name), load_file(outputs["cached"] / name)) <= 1e-6
