@@ -156,8 +156,9 @@ def main(argv=None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
-    if fp16_error(accelerator):  # still before any model loads
-        sys.exit(f"train_yoso_lora.py: error: {fp16_error(accelerator)}")
+    precision_error = fp16_error(accelerator)
+    if precision_error:  # still before any model loads
+        sys.exit(f"train_yoso_lora.py: error: {precision_error}")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger = get_logger("train_yoso_lora")
     logger.info(accelerator.state, main_process_only=False)
