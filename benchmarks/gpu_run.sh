@@ -8,9 +8,10 @@
 #                                              # $OUT/bench_sd15_<card>.json, .md and gpu_run.log
 #   OUT=/tmp/x bash benchmarks/gpu_run.sh --dry-run   # the same on CPU: tiny models, fp16 emulated (a check)
 #
-# On a machine without this project's packages, install the pinned wheels first, e.g. from a folder made with
-#   pip download --no-deps -d .whl diffusers==0.42.1 peft==0.21.2 transformers==5.24.0 open_clip_torch==3.3.0
-# and `pip install --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site` there.
+# On a machine with torch, accelerate and huggingface_hub but not this project's other packages (a bare GPU
+# box that cannot reach PyPI), bring the pinned wheels in a .whl/ folder at the repository root:
+#   pip download --no-deps -d .whl diffusers==0.42.1 peft==0.21.2 transformers==5.24.0 open_clip_torch==3.3.0 importlib_metadata
+# If diffusers is not importable and .whl/ exists, this script installs them into /tmp/yoso-site first.
 #
 # Needs torch (CUDA), diffusers, transformers, accelerate, peft, safetensors, psutil and open_clip_torch
 # (only its BPE vocabulary file) importable; nothing is downloaded. Each configuration's result is written to
@@ -29,6 +30,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 
 exec > >(tee -a "$LOG") 2>&1
 echo "== gpu_run.sh $(date -u +%FT%TZ) dry_run=$DRY_RUN"
+if ! "$PY" -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  echo "== installing .whl/*.whl into /tmp/yoso-site"
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/yoso-site .whl/*.whl || echo "wheel install failed"
+  export PYTHONPATH="/tmp/yoso-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv
