@@ -97,6 +97,7 @@ def tracker_scalars(log_dir):
 
 def sample_with_lora(base, lora_dir, device, resolution):
     """1- and 2-step LCM images from a fresh fp16 pipeline with the LoRA, and from the base (same noise)."""
+    import numpy as np
     import torch
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
@@ -114,8 +115,6 @@ def sample_with_lora(base, lora_dir, device, resolution):
     pipe.load_lora_weights(lora_dir)
     lora_dtypes = sorted({str(p.dtype) for n, p in pipe.unet.named_parameters() if "lora_" in n})
     one, two = sample(1), sample(2)
-    import numpy as np
-
     return {
         "pipeline_dtype": str(dtype),
         "lora_parameter_dtypes_in_pipeline": lora_dtypes,
