@@ -98,6 +98,7 @@ def run(args, prompts):
     from PIL.PngImagePlugin import PngInfo
 
     from yoso import inference as yi
+    from yoso.latent_stats import LATENT_STATS_NAME, load_latent_stats, save_latent_stats
 
     # Everything that can be checked without a model first: these fail fast, in one line.
     source = yi.resolve_lora(args.lora)
@@ -107,7 +108,7 @@ def run(args, prompts):
         stats_path = yi.find_latent_stats(source, args.latent_stats)
         if stats_path is None:
             raise yi.InferenceError(yi.missing_stats_message(args.lora))
-    latent_stats = yi.load_latent_stats(stats_path) if stats_path else None
+    latent_stats = load_latent_stats(stats_path) if stats_path else None
     if args.ipi_from_samples and source.local_dir and Path(args.output_dir).resolve() == source.local_dir.resolve():
         raise yi.InferenceError("--ipi_from_samples saves latent_stats.safetensors to --output_dir, which is the LoRA's folder: "
                                 "choose another --output_dir so the training's statistics are not overwritten")
@@ -125,7 +126,7 @@ def run(args, prompts):
     if args.mode == "one_step_ipi" and latent_stats is None:
         generator = torch.Generator().manual_seed(args.seed + 1)
         mean, std = yi.latent_stats_from_samples(pipe, prompts, args.ipi_from_samples, generator, args.guidance_scale)
-        stats_path = yi.save_latent_stats(output_dir / yi.LATENT_STATS_NAME, mean, std, args.ipi_from_samples)
+        stats_path = save_latent_stats(output_dir / LATENT_STATS_NAME, mean, std, args.ipi_from_samples)
         print(f"latent statistics from {args.ipi_from_samples} two-step samples: {stats_path}", file=sys.stderr)
         latent_stats = (mean, std)
 
@@ -159,10 +160,11 @@ def main(argv=None):
     prompts = read_prompts(args, parser)
 
     from yoso.inference import InferenceError
+    from yoso.latent_stats import LatentStatsError
 
     try:
         return run(args, prompts)
-    except InferenceError as exc:
+    except (InferenceError, LatentStatsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

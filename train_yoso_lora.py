@@ -204,7 +204,7 @@ def train(args, prompts, accelerator, output_dir):
     from yoso.lora import load_lora_into_unet, lora_named_parameters, save_lora
     from yoso.models import load_models, make_optimizers
     from yoso.step import YOSOLossConfig, YOSOTrainingStep
-    from yoso.teacher import LATENT_STATS_NAME, LatentStats
+    from yoso.latent_stats import LATENT_STATS_NAME, LatentStats
     from yoso.validation import generate_validation_images, save_and_log_validation
 
     # ---- models -------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from PIL import Image
 
 import inference_examples
 from yoso import inference as yi
-from yoso.inference import LATENT_STATS_NAME
+from yoso import latent_stats as ls
+from yoso.latent_stats import LATENT_STATS_NAME
 from yoso.lora import LORA_WEIGHT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,42 +105,42 @@ def test_latent_stats_round_trip_and_format(tmp_path):
     from safetensors.torch import load_file
 
     mean = torch.randn(4, 8, 8)
-    path = yi.save_latent_stats(tmp_path / "sub" / LATENT_STATS_NAME, mean, torch.tensor(0.75), 12)
+    path = ls.save_latent_stats(tmp_path / "sub" / LATENT_STATS_NAME, mean, torch.tensor(0.75), 12)
     raw = load_file(str(path))
     assert set(raw) == {"mean", "std", "count"}
     assert raw["mean"].dtype == torch.float32 and raw["mean"].shape == (4, 8, 8)
     assert raw["std"].dtype == torch.float32 and raw["std"].shape == ()
     assert raw["count"].dtype == torch.int64 and raw["count"].shape == () and raw["count"].item() == 12
-    loaded_mean, loaded_std = yi.load_latent_stats(path)
+    loaded_mean, loaded_std = ls.load_latent_stats(path)
     assert torch.equal(loaded_mean, mean) and loaded_std.item() == pytest.approx(0.75)
     # A plain float std works too, and nothing but the file is left behind (temp file + os.replace).
-    yi.save_latent_stats(path, mean, 0.5, 3)
-    assert yi.load_latent_stats(path)[1].item() == pytest.approx(0.5)
+    ls.save_latent_stats(path, mean, 0.5, 3)
+    assert ls.load_latent_stats(path)[1].item() == pytest.approx(0.5)
     assert sorted(p.name for p in path.parent.iterdir()) == [LATENT_STATS_NAME]
     with pytest.raises(ValueError):
-        yi.save_latent_stats(path, torch.randn(8, 8), 0.5, 3)
+        ls.save_latent_stats(path, torch.randn(8, 8), 0.5, 3)
     with pytest.raises(ValueError):
-        yi.save_latent_stats(path, mean, torch.ones(2), 3)
+        ls.save_latent_stats(path, mean, torch.ones(2), 3)
 
 
 def test_load_latent_stats_rejects_bad_files(tmp_path, lora_dir):
     from safetensors.torch import save_file
 
-    with pytest.raises(yi.InferenceError, match="does not exist"):
-        yi.load_latent_stats(tmp_path / "missing.safetensors")
-    with pytest.raises(yi.InferenceError, match="not a latent statistics file"):
-        yi.load_latent_stats(Path(lora_dir) / LORA_WEIGHT_NAME)
+    with pytest.raises(ls.LatentStatsError, match="does not exist"):
+        ls.load_latent_stats(tmp_path / "missing.safetensors")
+    with pytest.raises(ls.LatentStatsError, match="not a latent statistics file"):
+        ls.load_latent_stats(Path(lora_dir) / LORA_WEIGHT_NAME)
     save_file({"mean": torch.zeros(4, 8, 8), "std": torch.tensor(0.0)}, str(tmp_path / "zero_std.safetensors"))
-    with pytest.raises(yi.InferenceError, match="std"):
-        yi.load_latent_stats(tmp_path / "zero_std.safetensors")
+    with pytest.raises(ls.LatentStatsError, match="std"):
+        ls.load_latent_stats(tmp_path / "zero_std.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(yi.InferenceError, match="not a readable safetensors"):
-        yi.load_latent_stats(tmp_path / "junk.safetensors")
+    with pytest.raises(ls.LatentStatsError, match="not a readable safetensors"):
+        ls.load_latent_stats(tmp_path / "junk.safetensors")
 
 
 def test_compute_latent_stats():
     latents = torch.randn(10, 4, 8, 8) * 2 + torch.arange(4.0).view(1, 4, 1, 1)
-    mean, std = yi.compute_latent_stats(latents)
+    mean, std = ls.compute_latent_stats(latents)
     assert mean.shape == (4, 8, 8)
     assert torch.allclose(mean, latents.mean(0))
     assert std.item() == pytest.approx((latents - latents.mean(0)).pow(2).mean().sqrt().item(), rel=1e-6)
@@ -196,7 +197,7 @@ def test_ipi_latents_are_what_reaches_the_unet(tiny_base, lora_dir):
     pipe = yi.load_pipeline(tiny_base, torch.device("cpu"), torch.float32)
     yi.set_scheduler(pipe, "one_step_ipi")
     yi.load_lora(pipe, yi.resolve_lora(str(lora_dir)))
-    mean, std = yi.load_latent_stats(Path(lora_dir) / LATENT_STATS_NAME)
+    mean, std = ls.load_latent_stats(Path(lora_dir) / LATENT_STATS_NAME)
     seen = []
     pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args[0].clone(), int(args[1]))), with_kwargs=True)
     images = yi.generate(pipe, PROMPT, "one_step_ipi", generator=torch.Generator().manual_seed(7),
@@ -285,8 +286,8 @@ def test_one_step_ipi_reads_the_stats(tiny_base, lora_dir, tmp_path):
     beside = run_cli(common + ["--output_dir", tmp_path / "beside"])[0]
     with Image.open(beside) as image:
         assert str(Path(lora_dir) / LATENT_STATS_NAME) in image.text["parameters"]
-    mean, std = yi.load_latent_stats(Path(lora_dir) / LATENT_STATS_NAME)
-    other = yi.save_latent_stats(tmp_path / "other.safetensors", mean + 3.0, std * 0.1, 8)
+    mean, std = ls.load_latent_stats(Path(lora_dir) / LATENT_STATS_NAME)
+    other = ls.save_latent_stats(tmp_path / "other.safetensors", mean + 3.0, std * 0.1, 8)
     explicit = run_cli(common + ["--latent_stats", other, "--output_dir", tmp_path / "explicit"])[0]
     assert np.abs(pixels(explicit) - pixels(beside)).mean() > 2, "other statistics, another image"
     plain = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--mode", "one_step", "--prompt", PROMPT,
@@ -311,7 +312,7 @@ def test_ipi_from_samples_computes_and_saves_stats(lora_dir, tiny_base, tmp_path
                      "--prompt", PROMPT, "--device", "cpu", "--output_dir", out], capsys)
     assert [p.name for p in paths] == ["000_00_a-photo-of-a-man-xt3.png", "grid.png"]
     stats = out / LATENT_STATS_NAME
-    mean, std = yi.load_latent_stats(stats)
+    mean, std = ls.load_latent_stats(stats)
     assert mean.shape == (4, SIZE // 8, SIZE // 8) and std.item() > 0
     from safetensors.torch import load_file
 

@@ -9,7 +9,8 @@ One concept per module:
 - ``ema``           in-place fp32 EMA of the LoRA
 - ``lora``          LoRA config, targets, save/load in diffusers format
 - ``data``          prompt files and the resumable, rank-sharded prompt sampler
-- ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents; latent statistics
+- ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents
+- ``latent_stats``  mean/std of the training latents for one-step IPI sampling: accumulated, saved, loaded
 - ``latent_cache``  precomputed teacher latents (train without loading the teacher)
 - ``models``        loading and placing every model of a run (shared by script, tests, benchmarks)
 - ``step``          one YOSO training step (the D update, the G update, EMA)

@@ -12,9 +12,8 @@ Modes (``MODES``):
                     ``x_T = add_noise(mean + std * randn, randn, 999)`` instead of pure noise.
 - ``one_step``      LCMScheduler, 1 step from pure noise, guidance 1.0 (for comparison).
 
-The latent statistics file (``latent_stats.safetensors``, written by the training next to the LoRA):
-``mean`` float32 ``[4, h, w]`` (mean teacher latent, VAE-scaled latent space), ``std`` float32 scalar
-(std of the latents around that mean, over all elements), ``count`` int64 scalar (latents averaged).
+The latent statistics file (``latent_stats.safetensors``, written by the training next to the LoRA) is
+``yoso.latent_stats``'s.
 
 Everything the command line reports to a user goes through :class:`InferenceError`, whose message is
 one line.
@@ -27,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from yoso.atomic import atomic_path
+from yoso.latent_stats import LATENT_STATS_NAME, compute_latent_stats
 from yoso.lora import LORA_WEIGHT_NAME
 
-LATENT_STATS_NAME = "latent_stats.safetensors"
 MODES = ("lcm", "dpm", "one_step_ipi", "one_step")
 DEFAULT_STEPS = {"lcm": 2, "dpm": 2, "one_step_ipi": 1, "one_step": 1}
 DEFAULT_GUIDANCE = {"lcm": 1.5, "dpm": 1.5, "one_step_ipi": 1.5, "one_step": 1.0}
@@ -60,62 +58,7 @@ def looks_like_hub_id(spec):
 
 
 # --------------------------------------------------------------------------------------------------
-# Latent statistics (the informative prior)
-
-
-def save_latent_stats(path, mean, std, count):
-    """Write ``mean`` [4, h, w], scalar ``std`` and ``count`` to ``path`` (safetensors), atomically."""
-    from safetensors.torch import save_file
-
-    mean = torch.as_tensor(mean).detach().to("cpu", torch.float32).contiguous()
-    if mean.dim() != 3:
-        raise ValueError(f"mean must have shape [C, h, w], got {tuple(mean.shape)}")
-    std = torch.as_tensor(std).detach().to("cpu", torch.float32)
-    if std.numel() != 1:
-        raise ValueError(f"std must be a scalar, got shape {tuple(std.shape)}")
-    count = int(count)
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    tensors = {"mean": mean, "std": std.reshape(()).clone(), "count": torch.tensor(count, dtype=torch.int64)}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-    return path
-
-
-def load_latent_stats(path):
-    """Read a latent statistics file: ``(mean [C, h, w] float32, std 0-dim float32 tensor)``.
-
-    Raises :class:`InferenceError` for a missing, unreadable or malformed file."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise InferenceError(f"latent statistics file {path} does not exist")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise InferenceError(f"{path} is not a readable safetensors file: {one_line(exc)}") from exc
-    missing = [k for k in ("mean", "std") if k not in tensors]
-    if missing:
-        raise InferenceError(f"{path} is not a latent statistics file: no {' or '.join(missing)} tensor (has {sorted(tensors)})")
-    mean, std = tensors["mean"].float(), tensors["std"].float()
-    if mean.dim() != 3 or std.numel() != 1:
-        raise InferenceError(f"{path}: expected mean [C, h, w] and a scalar std, got {tuple(mean.shape)} and {tuple(std.shape)}")
-    std = std.reshape(())
-    if not (torch.isfinite(mean).all() and torch.isfinite(std) and std > 0):
-        raise InferenceError(f"{path}: mean must be finite and std finite and > 0 (std = {std.item()})")
-    return mean, std
-
-
-def compute_latent_stats(latents):
-    """Mean latent ``[C, h, w]`` and the std of ``latents`` [N, C, h, w] around it over all elements: the
-    same statistics the training accumulates (``yoso.teacher.LatentStats``), so IPI sees one definition."""
-    from yoso.teacher import LatentStats  # teacher imports this module for the file format
-
-    stats = LatentStats(latents.shape[1:])
-    stats.update(latents)
-    return stats.mean(), torch.tensor(stats.std(), dtype=torch.float32)
+# Latent statistics (the informative prior; the file itself is in yoso.latent_stats)
 
 
 def find_latent_stats(lora_source, explicit=None):

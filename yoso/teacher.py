@@ -7,9 +7,6 @@ from (run seed, epoch, prompt index), so a latent can be regenerated (or cached)
 
 import torch
 
-# The file format is inference's (it reads the file); the training writes it through the same function.
-from .inference import LATENT_STATS_NAME, save_latent_stats  # noqa: F401  (re-exported for the training script)
-
 
 def teacher_noise(seeds, shape, device, dtype):
     """Plain N(0, I) noise, one generator per sample (pipelines scale it by ``init_noise_sigma`` themselves)."""
@@ -56,42 +53,3 @@ def load_teacher(path, dtype, device, revision=None, variant=None, cache_dir=Non
         if isinstance(component, torch.nn.Module):
             component.requires_grad_(False).eval()
     return pipeline
-
-
-class LatentStats:
-    """Running mean latent ``[C, h, w]`` and scalar std of the teacher latents (for one-step IPI inference).
-
-    Sums are float64. ``update`` is given the latents of the whole global batch (all ranks), so every rank
-    holds the same statistics and the saved file does not depend on the number of processes.
-    """
-
-    def __init__(self, shape):
-        self.sum = torch.zeros(shape, dtype=torch.float64)
-        self.sum_sq = torch.zeros(shape, dtype=torch.float64)
-        self.count = 0
-
-    def update(self, latents):
-        latents = latents.detach().to("cpu", torch.float64)
-        self.sum += latents.sum(dim=0)
-        self.sum_sq += latents.pow(2).sum(dim=0)
-        self.count += latents.shape[0]
-
-    def mean(self):
-        return (self.sum / max(self.count, 1)).float()
-
-    def std(self):
-        """Std of all latent elements around the per-position mean."""
-        mean = self.sum / max(self.count, 1)
-        variance = (self.sum_sq / max(self.count, 1) - mean.pow(2)).mean().clamp(min=0)
-        return float(variance.sqrt())
-
-    def state_dict(self):
-        return {"sum": self.sum.clone(), "sum_sq": self.sum_sq.clone(), "count": self.count}
-
-    def load_state_dict(self, state):
-        self.sum.copy_(state["sum"])
-        self.sum_sq.copy_(state["sum_sq"])
-        self.count = int(state["count"])
-
-    def save(self, path):
-        save_latent_stats(path, self.mean(), self.std(), self.count)
