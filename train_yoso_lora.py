@@ -12,7 +12,6 @@ import argparse
 import gc
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -113,26 +112,6 @@ def parse_args(argv=None):
     return args
 
 
-class TrainState:
-    """Counters that a checkpoint must restore: optimizer steps, and micro-steps (= batches consumed)."""
-
-    def __init__(self):
-        self.global_step = 0
-        self.micro_steps = 0
-
-    def state_dict(self):
-        return {"global_step": self.global_step, "micro_steps": self.micro_steps}
-
-    def load_state_dict(self, state):
-        self.global_step, self.micro_steps = int(state["global_step"]), int(state["micro_steps"])
-
-
-def step_generator(seed, micro_step, rank):
-    """The step's own RNG for eps and t: a function of (seed, micro-step, rank), so resuming is exact and
-    validation (which draws from other generators) cannot shift it."""
-    return torch.Generator().manual_seed((seed * 7_919 + micro_step * 104_729 + rank * 1_299_709) % (2**63 - 1))
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -173,7 +152,7 @@ def main(argv=None):
         output_dir.mkdir(parents=True, exist_ok=True)
 
     try:
-        train(args, prompts, accelerator, output_dir)
+        run = train(args, prompts, accelerator, output_dir)
     except NonFiniteLossError as error:
         # Nothing is saved on this path: the last checkpoint and any earlier outputs stay as they were.
         last = latest_checkpoint(output_dir)
@@ -185,8 +164,9 @@ def main(argv=None):
         gc.collect()
         accelerator.end_training()
         sys.exit(1)
-    # Free the models (train's locals and the accelerator's references) before end_training: tearing
+    # Free the models (the run and the accelerator's references) before end_training: tearing
     # down the process group with them alive aborts some multi-process runs at exit.
+    del run
     accelerator.free_memory()
     gc.collect()
     accelerator.wait_for_everyone()
@@ -194,104 +174,41 @@ def main(argv=None):
 
 
 def train(args, prompts, accelerator, output_dir):
-    from diffusers.optimization import get_scheduler
-    from safetensors.torch import load_file, save_file
+    """Build, resume, loop, save. Returns the run (its models still alive) for the caller to free."""
     from tqdm.auto import tqdm
 
-    from yoso import checkpoint as ckpt
-    from yoso.data import ShardedPromptSampler
-    from yoso.ema import LoRAEMA
-    from yoso.lora import load_lora_into_unet, lora_named_parameters, save_lora
-    from yoso.models import load_models, make_optimizers
-    from yoso.step import YOSOLossConfig, YOSOTrainingStep
-    from yoso.latent_stats import LATENT_STATS_NAME, LatentStats
+    from yoso.checkpoint import TrainState, latest_checkpoint, register_checkpointing, save_checkpoint
+    from yoso.data import ShardedPromptSampler, prompt_batches
+    from yoso.latent_stats import LatentStats
+    from yoso.outputs import push_to_hub, save_final_outputs
+    from yoso.run import RunSettings, build_run
+    from yoso.step import step_generator
+    from yoso.tracking import LossAverager
     from yoso.validation import generate_validation_images, save_and_log_validation
 
-    # ---- models -------------------------------------------------------------------------------------
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    models = load_models(
-        args.pretrained_model_name_or_path, None if args.teacher_latent_cache else args.pretrained_teacher_model,
-        args.resolution, accelerator.device,
-        weight_dtype, args.lora_rank, args.lora_alpha, args.lora_target_modules, args.gradient_checkpointing,
-        args.prediction_type, args.teacher_num_inference_steps, args.teacher_guidance_scale,
-        args.revision, args.variant, args.cache_dir, args.enable_xformers_memory_efficient_attention,
-    )
-    tokenizer, text_encoder, vae = models.tokenizer, models.text_encoder, models.vae
-    unet, discriminator = models.unet, models.discriminator
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    # ---- optimizers, data, schedule of steps ---------------------------------------------------------
-    world = accelerator.num_processes
-    scale = args.gradient_accumulation_steps * args.train_batch_size * world if args.scale_lr else 1
-    lr_g = args.learning_rate * scale
-    lr_d = (args.discriminator_learning_rate or args.learning_rate) * scale
-    optimizer_g, optimizer_d = make_optimizers(unet, discriminator, lr_g, lr_d, (args.adam_beta1, args.adam_beta2),
-                                               args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
-
-    sampler = ShardedPromptSampler(len(prompts), args.train_batch_size, world, accelerator.process_index, args.seed)
+    # ---- build --------------------------------------------------------------------------------------
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = ShardedPromptSampler(len(prompts), args.train_batch_size, world, rank, args.seed)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    run = build_run(RunSettings.from_args(args), accelerator, num_training_steps=max_train_steps)
+    models, trainer = run.models, run.trainer
     latent_cache = None
     if args.teacher_latent_cache:
         from yoso.latent_cache import open_cache_for_run
 
-        latent_cache = open_cache_for_run(args.teacher_latent_cache, accelerator, weight_dtype, logger,
+        latent_cache = open_cache_for_run(args.teacher_latent_cache, accelerator, models.weight_dtype, logger,
                                           max_train_steps * args.gradient_accumulation_steps, sampler.batches_per_epoch,
                                           args.train_batch_size)
-    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer_g,
-                                 num_warmup_steps=args.lr_warmup_steps * world,
-                                 num_training_steps=max_train_steps * world)
-    unet, discriminator, optimizer_g, optimizer_d, lr_scheduler = accelerator.prepare(
-        unet, discriminator, optimizer_g, optimizer_d, lr_scheduler)
-    unet_module = accelerator.unwrap_model(unet)
-    discriminator_module = accelerator.unwrap_model(discriminator)
-
-    ema = LoRAEMA(lora_named_parameters(unet_module), args.ema_decay) if args.use_ema else None
-    latent_stats = LatentStats(models.latent_shape)
     state = TrainState()
-    trainer = YOSOTrainingStep(
-        accelerator, unet, discriminator, models.feature_net, text_encoder, models.latent_source, models.schedule,
-        optimizer_g, optimizer_d, lr_scheduler, ema,
-        YOSOLossConfig(args.lambda_con, args.lambda_kl, args.lambda_adv, args.snr_gamma, args.coop_gap,
-                       args.consistency_gap, args.gan_loss_reduction, args.noise_offset, args.max_grad_norm),
-        models.latent_shape, seed=args.seed,
-    )
-    # accelerate saves its own (G's) scaler as scaler.pt; D's fp16 scaler is registered here, last.
-    checkpointed = [state, latent_stats, ema, trainer.discriminator_scaler]
-    for obj in (o for o in checkpointed if o is not None):
-        accelerator.register_for_checkpointing(obj)
+    latent_stats = LatentStats(models.latent_shape)
+    register_checkpointing(run, [state, latent_stats, run.ema])
 
-    # Checkpoints hold the LoRA (diffusers format) and D, not the 860M frozen base weights.
-    def save_model_hook(_models, weights, folder):
-        if accelerator.is_main_process:
-            save_lora(unet_module, folder)
-            save_file({k: v.detach().cpu().contiguous() for k, v in discriminator_module.state_dict().items()},
-                      os.path.join(folder, "discriminator.safetensors"))
-        weights.clear()  # saved above; accelerate must not write the full (860M) UNet
-
-    def load_model_hook(prepared_models, folder):
-        load_lora_into_unet(unet_module, folder)
-        discriminator_module.load_state_dict(load_file(os.path.join(folder, "discriminator.safetensors")))
-        prepared_models.clear()  # loaded above; accelerate must not look for full model weights
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    def save_checkpoint():
-        tmp = ckpt.incomplete_path(output_dir, state.global_step)
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            final = ckpt.finalize(output_dir, state.global_step)
-            for removed in ckpt.prune(output_dir, args.checkpoints_total_limit):
-                logger.info(f"removed old checkpoint {removed}")
-            logger.info(f"saved {final}")
-        accelerator.wait_for_everyone()
-
+    # ---- resume -------------------------------------------------------------------------------------
     if args.resume_from_checkpoint:
-        path = ckpt.latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
+        path = latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
         if path is None:
             logger.info(f"no checkpoint in {output_dir}: starting a new run")
         else:
@@ -299,18 +216,8 @@ def train(args, prompts, accelerator, output_dir):
             accelerator.load_state(str(path))
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
-
-    def tokenize(indices):
-        batch_prompts = [prompts[i] for i in indices]
-        ids = tokenizer(batch_prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        return batch_prompts, ids
-
-    batches = sampler.batches(start_batch=state.micro_steps)
-    if args.dataloader_num_workers > 0:
-        batches = _prefetch_tokenized(batches, tokenize, args.dataloader_num_workers)
-    else:
-        batches = ((epoch, b, indices, *tokenize(indices)) for epoch, b, indices in batches)
+    batches = prompt_batches(prompts, models.tokenizer, sampler, start_batch=state.micro_steps,
+                             num_workers=args.dataloader_num_workers)
 
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
     logger.info(f"***** YOSO-LoRA training: {len(prompts)} prompts, {max_train_steps} steps of {total_batch} prompts "
@@ -319,45 +226,41 @@ def train(args, prompts, accelerator, output_dir):
     # ---- the loop -----------------------------------------------------------------------------------
     progress = tqdm(range(max_train_steps), initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    running = {}
-    unet.train()
-    discriminator.train()
+    losses = LossAverager(accelerator, args.gradient_accumulation_steps)
+    run.unet.train()
+    run.discriminator.train()
     try:
         while state.global_step < max_train_steps:
-            epoch, _, indices, batch_prompts, input_ids = next(batches)
-            batch = {"prompts": batch_prompts, "input_ids": input_ids, "indices": indices, "epoch": epoch}
+            batch = next(batches)
             if latent_cache is not None:
-                batch["latents"] = latent_cache.latents(epoch, indices)
-            generator = step_generator(args.seed, state.micro_steps, accelerator.process_index)
-            with accelerator.accumulate(unet, discriminator):
+                batch["latents"] = latent_cache.latents(batch["epoch"], batch["indices"])
+            with accelerator.accumulate(run.unet, run.discriminator):
                 try:
-                    logs = trainer.step(batch, generator)
+                    logs = trainer.step(batch, step_generator(args.seed, state.micro_steps, rank))
                 except NonFiniteLossError as error:
                     raise NonFiniteLossError(f"at step {state.global_step + 1}, {error}") from None
             state.micro_steps += 1
             latent_stats.update(accelerator.gather(logs.pop("x0")))
             grad_norm = logs.pop("grad_norm")
-            for key, value in logs.items():
-                running[key] = running.get(key, 0.0) + value
+            losses.add(logs)
             if not accelerator.sync_gradients:
                 continue
 
             state.global_step += 1
             progress.update(1)
-            means = accelerator.gather(torch.stack([running[k] for k in running])).view(world, -1).mean(0)
-            scalars = {k: v.item() / args.gradient_accumulation_steps for k, v in zip(running, means)}
-            scalars.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else 0.0)
-            running = {}
+            scalars = losses.means()
+            scalars.update(lr=run.lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else 0.0)
             accelerator.log(scalars, step=state.global_step)
             progress.set_postfix({k: f"{scalars[k]:.4f}" for k in ("loss_con", "loss_kl", "loss_adv", "loss_d")})
 
             if state.global_step % args.checkpointing_steps == 0:
-                save_checkpoint()
+                save_checkpoint(accelerator, output_dir, state.global_step, args.checkpoints_total_limit, logger)
             if args.validation_prompts and state.global_step % args.validation_steps == 0:
                 if accelerator.is_main_process:
                     columns, images = generate_validation_images(
-                        unet_module, vae, text_encoder, tokenizer, models.noise_scheduler.config, args.validation_prompts,
-                        args.seed, args.resolution, accelerator.device, accelerator.autocast, ema)
+                        run.unet_module, models.vae, models.text_encoder, models.tokenizer,
+                        models.noise_scheduler.config, args.validation_prompts, args.seed, args.resolution,
+                        accelerator.device, accelerator.autocast, run.ema)
                     path = save_and_log_validation(accelerator, columns, images, args.validation_prompts,
                                                    state.global_step, output_dir)
                     logger.info(f"validation images: {path}")
@@ -365,56 +268,13 @@ def train(args, prompts, accelerator, output_dir):
     finally:
         progress.close()
 
-    # ---- outputs ------------------------------------------------------------------------------------
+    # ---- save ---------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    _dump_rank_weights_for_tests(accelerator, unet_module, discriminator_module)
     if accelerator.is_main_process:
-        if ema is not None:
-            save_lora(unet_module, output_dir, tensors=ema.named_tensors())
-            save_lora(unet_module, output_dir / "non_ema")
-        else:
-            save_lora(unet_module, output_dir)
-        latent_stats.save(output_dir / LATENT_STATS_NAME)
-        logger.info(f"LoRA written to {output_dir / 'pytorch_lora_weights.safetensors'}"
-                    + (" (EMA; raw LoRA in non_ema/)" if ema is not None else ""))
+        save_final_outputs(run, output_dir, latent_stats, logger)
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
-                          ignore_patterns=["checkpoint-*", "*.incomplete", "logs/*"], commit_message="YOSO-LoRA")
-
-
-def _prefetch_tokenized(batches, tokenize, num_workers):
-    """Tokenize upcoming batches in worker threads (tokenizers release the GIL)."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=num_workers)
-    pending = deque()
-    for _ in range(num_workers * 2):
-        epoch, b, indices = next(batches)
-        pending.append((epoch, b, indices, pool.submit(tokenize, indices)))
-    while True:
-        epoch, b, indices, future = pending.popleft()
-        next_epoch, next_b, next_indices = next(batches)
-        pending.append((next_epoch, next_b, next_indices, pool.submit(tokenize, next_indices)))
-        yield (epoch, b, indices, *future.result())
-
-
-def _dump_rank_weights_for_tests(accelerator, unet_module, discriminator_module):
-    """With YOSO_DUMP_RANK_WEIGHTS=dir, every rank writes the LoRA and D it holds (multi-process tests)."""
-    folder = os.environ.get("YOSO_DUMP_RANK_WEIGHTS")
-    if not folder:
-        return
-    from safetensors.torch import save_file
-
-    from yoso.lora import lora_named_parameters
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    tensors = {f"lora.{n}": p.detach().cpu().contiguous() for n, p in lora_named_parameters(unet_module)}
-    tensors.update({f"d.{n}": p.detach().cpu().contiguous() for n, p in discriminator_module.state_dict().items()})
-    save_file(tensors, os.path.join(folder, f"rank{accelerator.process_index}.safetensors"))
+            push_to_hub(output_dir, args.hub_model_id, args.hub_token)
+    return run
 
 
 if __name__ == "__main__":

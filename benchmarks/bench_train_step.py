@@ -23,8 +23,9 @@ Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the process RSS (s
 on CPU. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` around one extra step (forward,
 backward and optimizer; recomputation under gradient checkpointing included).
 
-The model assembly mirrors ``yoso.models.load_models`` step for step (same yoso functions, in the same
-order); ``tests/test_benchmark.py`` checks that both give the same modules, dtypes and trainable set.
+The run is built by the training script's own builder (``yoso.run.build_run``) from config-built parts
+in place of loaded ones; ``tests/test_benchmark.py`` checks that both give the same modules, dtypes and
+trainable set.
 """
 
 import argparse
@@ -50,6 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from yoso.atomic import atomic_path  # noqa: E402
+from yoso.precision import weight_dtype_for  # noqa: E402
 
 PHASES = ("data", "teacher", "generator", "feature_net", "discriminator", "backward", "optimizer", "ema")
 
@@ -107,26 +109,27 @@ def build_teacher_pipeline(spec, device, weight_dtype):
     return pipeline
 
 
-def build_models(config, resolution, device, weight_dtype, lora_rank, lora_alpha=8, with_teacher=True,
-                 teacher_num_inference_steps=1, teacher_guidance_scale=0.0, gradient_checkpointing=False):
-    """``yoso.models.assemble_models`` (what ``load_models`` does after loading) on config-built random weights.
-
-    Gradient checkpointing is always *enabled* before D copies the encoder (so D's blocks can checkpoint)
-    and then switched to ``gradient_checkpointing``; ``set_gradient_checkpointing`` flips it later.
-    """
+def build_parts(config, device, weight_dtype, with_teacher=True):
+    """``yoso.models.ModelParts`` of a config: the base model's pieces and the teacher, random weights."""
     from diffusers import DDPMScheduler
 
-    from yoso.models import assemble_models
+    from yoso.models import ModelParts
     from yoso.testing import SD15_SCHEDULER_CONFIG
 
     tokenizer, text_encoder, vae, unet = build_pipeline_parts(config["base"], device)
     teacher = build_teacher_pipeline(config["teacher"], device, weight_dtype) if with_teacher else None
-    models = assemble_models(tokenizer, text_encoder, vae, unet, DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-                             teacher, resolution, device, weight_dtype, lora_rank, lora_alpha,
-                             gradient_checkpointing=True, teacher_num_inference_steps=teacher_num_inference_steps,
-                             teacher_guidance_scale=teacher_guidance_scale)
-    set_gradient_checkpointing([models.unet, models.discriminator], gradient_checkpointing)
-    return models
+    return ModelParts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                      noise_scheduler=DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG), teacher_pipeline=teacher)
+
+
+def run_settings(config, resolution, lora_rank, teacher_num_inference_steps=1, **overrides):
+    """The training script's settings for a benchmark run. Gradient checkpointing is always *enabled*
+    before D copies the encoder (so D's blocks can checkpoint); ``set_gradient_checkpointing`` flips it."""
+    from yoso.run import RunSettings
+
+    return RunSettings(pretrained_model_name_or_path=f"bench:{config['name']}", resolution=resolution,
+                       lora_rank=lora_rank, gradient_checkpointing=True,
+                       teacher_num_inference_steps=teacher_num_inference_steps, **overrides)
 
 
 def set_gradient_checkpointing(modules, enabled):
@@ -280,8 +283,7 @@ class Bench:
         self.config = config
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
         self.device = self.accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
-                                                                                 torch.float32)
+        self.weight_dtype = weight_dtype_for(self.accelerator)
         self.resolution = args.resolution or config["resolution"]
         self.lora_rank = args.lora_rank or config.get("lora_rank", 64)
         self.cuda = self.device.type == "cuda"
@@ -291,26 +293,21 @@ class Bench:
 
     # -- setup
     def build(self):
-        from diffusers.optimization import get_scheduler
-
-        from yoso.ema import LoRAEMA
         from yoso.lora import lora_named_parameters
-        from yoso.models import make_optimizers
+        from yoso.run import build_run
 
         args = self.args
         torch.manual_seed(args.seed)
         start = time.perf_counter()
         # The teacher is always built: cache-off configurations run it, and it writes the cache for cache-on ones.
-        self.models = build_models(self.config, self.resolution, self.device, self.weight_dtype, self.lora_rank,
-                                   teacher_num_inference_steps=args.teacher_num_inference_steps)
-        m = self.models
-        optimizer_g, optimizer_d = make_optimizers(m.unet, m.discriminator, 1e-5, 1e-5, use_8bit_adam=args.use_8bit_adam)
-        lr_scheduler = get_scheduler("constant", optimizer=optimizer_g)
-        self.unet, self.discriminator, self.optimizer_g, self.optimizer_d, self.lr_scheduler = self.accelerator.prepare(
-            m.unet, m.discriminator, optimizer_g, optimizer_d, lr_scheduler)
-        self.unet_module = self.accelerator.unwrap_model(self.unet)
-        self.discriminator_module = self.accelerator.unwrap_model(self.discriminator)
-        self.ema = LoRAEMA(lora_named_parameters(self.unet_module), 0.999)
+        parts = build_parts(self.config, self.device, self.weight_dtype)
+        settings = run_settings(self.config, self.resolution, self.lora_rank, args.teacher_num_inference_steps,
+                                use_ema=True, learning_rate=1e-5, use_8bit_adam=args.use_8bit_adam, seed=args.seed)
+        self.run = build_run(settings, self.accelerator, num_training_steps=args.warmup_steps + args.steps + 1,
+                             parts=parts)
+        self.models = m = self.run.models
+        self.unet, self.discriminator = self.run.unet, self.run.discriminator
+        self.unet_module, self.discriminator_module = self.run.unet_module, self.run.discriminator_module
         synchronize(self.device)
         self.build_seconds = time.perf_counter() - start
         counted = {"generator": self.unet_module, "feature_net": m.feature_net.encoder,
@@ -372,7 +369,7 @@ class Bench:
         del teacher
         before = self.memory_now()
         self.passes.remove()
-        m.latent_source = None
+        m.latent_source = self.run.trainer.latent_source = None
         self.passes = PassCounter({"generator": self.unet_module, "feature_net": m.feature_net.encoder,
                                    "discriminator": self.discriminator_module})
         release_memory(self.cuda)
@@ -398,9 +395,8 @@ class Bench:
 
     # -- one configuration
     def run_config(self, batch_size, gradient_checkpointing, cache):
-        from train_yoso_lora import step_generator
-        from yoso.data import ShardedPromptSampler
-        from yoso.step import NonFiniteLossError, YOSOLossConfig, YOSOTrainingStep
+        from yoso.data import ShardedPromptSampler, tokenize_prompts
+        from yoso.step import NonFiniteLossError, no_timer, step_generator
 
         args, m, accelerator = self.args, self.models, self.accelerator
         name = f"bs{batch_size}-gc_{'on' if gradient_checkpointing else 'off'}-cache_{cache}"
@@ -409,14 +405,12 @@ class Bench:
                   "mixed_precision": accelerator.mixed_precision, "use_8bit_adam": args.use_8bit_adam}
         set_gradient_checkpointing([self.unet_module, self.discriminator_module], gradient_checkpointing)
         timer = PhaseTimer(self.device)
-        trainer = YOSOTrainingStep(accelerator, self.unet, self.discriminator, m.feature_net, m.text_encoder,
-                                   m.latent_source if cache == "off" else None, m.schedule, self.optimizer_g,
-                                   self.optimizer_d, self.lr_scheduler, self.ema, YOSOLossConfig(), m.latent_shape,
-                                   seed=args.seed, timer=timer)
+        trainer = self.run.trainer
+        trainer.timer = timer
+        trainer.latent_source = m.latent_source if cache == "off" else None
         prompts = self.prompts(self.num_prompts())
         sampler = ShardedPromptSampler(len(prompts), batch_size, 1, 0, args.seed)
         batches = sampler.batches()
-        tokenizer = m.tokenizer
         self.unet.train()
         self.discriminator.train()
 
@@ -424,9 +418,8 @@ class Bench:
             with timer("data"):
                 epoch, _, indices = next(batches)
                 batch_prompts = [prompts[j] for j in indices]
-                ids = tokenizer(batch_prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
-                batch = {"prompts": batch_prompts, "input_ids": ids, "indices": indices, "epoch": epoch}
+                batch = {"prompts": batch_prompts, "input_ids": tokenize_prompts(m.tokenizer, batch_prompts),
+                         "indices": indices, "epoch": epoch}
                 if cache == "on":
                     batch["latents"] = self.reader.latents(epoch, indices)
             with accelerator.accumulate(self.unet, self.discriminator):
@@ -475,9 +468,9 @@ class Bench:
             if status == "error":
                 traceback.print_exc()
         result["status"] = status
-        trainer = None
-        self.optimizer_g.zero_grad(set_to_none=True)
-        self.optimizer_d.zero_grad(set_to_none=True)
+        trainer.timer = no_timer
+        self.run.optimizer_g.zero_grad(set_to_none=True)
+        self.run.optimizer_d.zero_grad(set_to_none=True)
         if status != "ok":
             try:
                 reset_grad_scaler(self.accelerator)

@@ -38,33 +38,25 @@ def emulate_gpu_fp16(accelerator, fp16_arithmetic=True, **scaler_kwargs):
 
 def build_trainer(base, teacher, mixed_precision="no", gradient_accumulation_steps=1, gradient_checkpointing=False,
                   use_ema=True, ema_decay=0.9, lr=1e-3, lora_rank=4, teacher_steps=1, seed=0, resolution=64,
-                  grad_scaler=None, fp16_arithmetic=True, **config):
-    """``grad_scaler``: GradScaler settings to emulate GPU fp16 on CPU (``mixed_precision="fp16"``)."""
-    from diffusers.optimization import get_scheduler
-
-    from yoso.ema import LoRAEMA
-    from yoso.lora import lora_named_parameters
-    from yoso.models import load_models, make_optimizers
-    from yoso.step import YOSOLossConfig, YOSOTrainingStep
+                  grad_scaler=None, fp16_arithmetic=True, **settings):
+    """The run ``train_yoso_lora.py`` builds (``yoso.run.build_run``), in-process on the tiny models; returns
+    ``(trainer, models)``. ``settings``: further ``RunSettings`` fields (loss weights, noise offset ...).
+    ``grad_scaler``: GradScaler settings to emulate GPU fp16 on CPU (``mixed_precision="fp16"``)."""
+    from yoso.run import RunSettings, build_run
 
     accelerator = fresh_accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     if grad_scaler is not None:
         emulate_gpu_fp16(accelerator, fp16_arithmetic, **grad_scaler)
     torch.manual_seed(seed)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    if not fp16_arithmetic:
-        weight_dtype = torch.float32
-    models = load_models(base, teacher, resolution, accelerator.device, weight_dtype, lora_rank=lora_rank, lora_alpha=8,
-                         gradient_checkpointing=gradient_checkpointing, teacher_num_inference_steps=teacher_steps)
-    optimizer_g, optimizer_d = make_optimizers(models.unet, models.discriminator, lr, lr)
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer_g)
-    unet, discriminator, optimizer_g, optimizer_d, lr_scheduler = accelerator.prepare(
-        models.unet, models.discriminator, optimizer_g, optimizer_d, lr_scheduler)
-    ema = LoRAEMA(lora_named_parameters(models.unet), ema_decay) if use_ema else None
-    trainer = YOSOTrainingStep(accelerator, unet, discriminator, models.feature_net, models.text_encoder,
-                               models.latent_source, models.schedule, optimizer_g, optimizer_d, lr_scheduler, ema,
-                               YOSOLossConfig(**config), models.latent_shape, seed=seed)
-    return trainer, models
+    run_settings = RunSettings(
+        pretrained_model_name_or_path=base, pretrained_teacher_model=teacher, resolution=resolution,
+        lora_rank=lora_rank, lora_alpha=8, gradient_checkpointing=gradient_checkpointing,
+        teacher_num_inference_steps=teacher_steps, use_ema=use_ema, ema_decay=ema_decay, learning_rate=lr, seed=seed,
+        gradient_accumulation_steps=gradient_accumulation_steps, **settings)
+    # Loss scaling without fp16 arithmetic keeps the frozen weights fp32 too.
+    run = build_run(run_settings, accelerator, num_training_steps=1,
+                    weight_dtype=None if fp16_arithmetic else torch.float32)
+    return run.trainer, run.models
 
 
 def make_batch(models, prompts, epoch=0, start_index=0):
@@ -85,13 +77,18 @@ def write_prompts(path, prompts=None, n=48):
     return str(path)
 
 
-def launch(args, num_processes=1, env=None, timeout=600, script="train_yoso_lora.py"):
-    """Run a script under ``accelerate launch`` on CPU (1 process, or several with gloo)."""
+def launch(args, num_processes=1, env=None, timeout=600, script="train_yoso_lora.py", dump=None):
+    """Run a script under ``accelerate launch`` on CPU (1 process, or several with gloo). With ``dump`` (a
+    folder), the training runs through tests/rank_weights_dump.py, which writes what each rank trained."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if num_processes > 1:
         cmd += ["--multi_gpu"]
+    program = [str(REPO / script)]
+    if dump is not None:
+        dumper = [str(REPO / "tests" / "rank_weights_dump.py"), str(dump)]
+        program = dumper if script == "train_yoso_lora.py" else program + dumper  # e.g. fp16_on_cpu.py wraps it
     cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", str(REPO / script)] + [str(a) for a in args]
+            "--dynamo_backend", "no", *program] + [str(a) for a in args]
     full_env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)

@@ -103,16 +103,24 @@ def folder_spec(path, pad_token):
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_benchmark_builds_what_load_models_builds(tiny_base, tiny_teacher, gradient_checkpointing):
-    """Same modules, shapes, dtypes, trainable set and checkpointing flags as yoso.models.load_models."""
-    from yoso.models import load_models
+def test_benchmark_builds_what_loading_builds(tiny_base, tiny_teacher, gradient_checkpointing):
+    """Config-built parts assemble to the same modules, shapes, dtypes, trainable set and checkpointing flags
+    as loaded ones (yoso.models.load_model_parts), through the same assembly."""
+    from dataclasses import replace
+
+    from yoso.models import assemble_models, load_model_parts
 
     bench = bench_module()
     config = {"name": "folders", "base": folder_spec(tiny_base, "<|endoftext|>"), "teacher": folder_spec(tiny_teacher, "!")}
     for weight_dtype in (torch.float32, torch.bfloat16):
-        built = bench.build_models(config, 64, "cpu", weight_dtype, lora_rank=4, gradient_checkpointing=gradient_checkpointing)
-        loaded = load_models(tiny_base, tiny_teacher, 64, "cpu", weight_dtype, lora_rank=4,
-                             gradient_checkpointing=gradient_checkpointing)
+        settings = bench.run_settings(config, 64, lora_rank=4)
+        built = assemble_models(bench.build_parts(config, "cpu", weight_dtype), settings, device="cpu",
+                                weight_dtype=weight_dtype)
+        bench.set_gradient_checkpointing([built.unet, built.discriminator], gradient_checkpointing)
+        loaded_settings = replace(settings, pretrained_model_name_or_path=tiny_base, pretrained_teacher_model=tiny_teacher,
+                                  gradient_checkpointing=gradient_checkpointing)
+        loaded = assemble_models(load_model_parts(loaded_settings, "cpu", weight_dtype), loaded_settings, device="cpu",
+                                 weight_dtype=weight_dtype)
         assert built.latent_shape == loaded.latent_shape and built.weight_dtype == loaded.weight_dtype
         assert built.schedule.prediction_type == loaded.schedule.prediction_type
         assert torch.equal(built.schedule.alphas_cumprod, loaded.schedule.alphas_cumprod)

@@ -183,7 +183,7 @@ def test_fp16_two_processes_hold_identical_weights(tiny_base, tiny_teacher, tmp_
                                     mixed_precision="fp16", gradient_accumulation_steps=2, gradient_checkpointing=True,
                                     use_ema=True, report_to="none"),
                     num_processes=2, script="tests/fp16_on_cpu.py",
-                    env={**FP16_ENV, "YOSO_DUMP_RANK_WEIGHTS": str(dump)})
+                    env=FP16_ENV, dump=dump)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Backend: gloo" in result.stderr
     rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")

@@ -151,7 +151,7 @@ def test_refusals_name_what_differs(small_cache, tiny_teacher, tiny_base):
 
 def test_step_from_cache_equals_step_with_teacher(tiny_base, tiny_teacher, tmp_path):
     """One YOSOTrainingStep.step from cached latents: same losses, same LoRA and D after the step."""
-    from train_yoso_lora import step_generator
+    from yoso.step import step_generator
     from yoso.latent_cache import LatentCacheReader, write_cache_info
     from yoso.lora import lora_named_parameters
 
@@ -214,7 +214,7 @@ def on_the_fly_run(tiny_base, tiny_teacher, prompts_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("on_the_fly")
     result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, root / "out", steps=STEPS, use_ema=True,
                                     ema_decay=0.5, checkpointing_steps=100, report_to="none"),
-                    env={"YOSO_DUMP_RANK_WEIGHTS": str(root / "dump")})
+                    dump=root / "dump")
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -239,7 +239,7 @@ def test_training_from_cache_equals_on_the_fly_and_resumes_exactly(cache_dir, on
     common = dict(steps=STEPS, use_ema=True, ema_decay=0.5, report_to="none", teacher_latent_cache=cache_dir)
     out = tmp_path / "cached"
     result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, out, checkpointing_steps=5, **common),
-                    env={"YOSO_DUMP_RANK_WEIGHTS": str(tmp_path / "dump")})
+                    dump=tmp_path / "dump")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the teacher is not loaded" in result.stderr
     reference = on_the_fly_run
@@ -257,7 +257,7 @@ def test_training_from_cache_equals_on_the_fly_and_resumes_exactly(cache_dir, on
     shutil.copytree(out / "checkpoint-5", resumed / "checkpoint-5")
     result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, resumed, checkpointing_steps=100,
                                     resume_from_checkpoint="latest", **common),
-                    env={"YOSO_DUMP_RANK_WEIGHTS": str(tmp_path / "dump_resumed")})
+                    dump=tmp_path / "dump_resumed")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
     for name in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors",
@@ -283,7 +283,7 @@ def test_two_processes_read_their_own_latents(cache_dir, tiny_base, tiny_teacher
         extra = {"teacher_latent_cache": split} if mode == "cache" else {}
         result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, tmp_path / mode, steps=4,
                                         checkpointing_steps=100, report_to="none", **extra),
-                        num_processes=2, env={"YOSO_DUMP_RANK_WEIGHTS": str(tmp_path / f"dump_{mode}")})
+                        num_processes=2, dump=tmp_path / f"dump_{mode}")
         assert result.returncode == 0, result.stderr[-3000:]
         dumps[mode] = [load_file(tmp_path / f"dump_{mode}" / f"rank{r}.safetensors") for r in (0, 1)]
     for rank in (0, 1):

@@ -30,7 +30,7 @@ def run_a(tiny_base, tiny_teacher, prompts_file, tmp_path_factory):
     result = launch(tiny_train_args(
         tiny_base, tiny_teacher, prompts_file, out, steps=STEPS, use_ema=True, ema_decay=0.5,
         checkpointing_steps=2, checkpoints_total_limit=2, validation_prompts=["a cat", "a dog"],
-        validation_steps=3, report_to="tensorboard"), env={"YOSO_DUMP_RANK_WEIGHTS": str(dump)})
+        validation_steps=3, report_to="tensorboard"), dump=dump)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, dump, result
 
@@ -137,7 +137,7 @@ def test_two_processes_hold_identical_weights(tiny_base, tiny_teacher, prompts_f
     result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, out, steps=3, train_batch_size=2,
                                     gradient_accumulation_steps=2, use_ema=True, checkpointing_steps=3,
                                     report_to="none"),
-                    num_processes=2, env={"YOSO_DUMP_RANK_WEIGHTS": str(dump)})
+                    num_processes=2, dump=dump)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Backend: gloo" in result.stderr and "[RANK 1]" in result.stderr
     rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")

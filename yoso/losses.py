@@ -1,8 +1,23 @@
 """YOSO's losses (SPEC section 2). Every per-sample weight is a [B] tensor; results are fp32 scalars."""
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
 GAN_REDUCTIONS = ("batch", "sample")
+
+
+@dataclass(kw_only=True)
+class YOSOLossConfig:
+    """The losses' weights, gaps and reductions (SPEC sections 2 and 4)."""
+
+    lambda_con: float = 2.0
+    lambda_kl: float = 0.5
+    lambda_adv: float = 1.0
+    snr_gamma: float = 5.0
+    coop_gap: int = 250
+    consistency_gap: int = 25
+    gan_loss_reduction: str = "batch"
 
 
 def _per_sample_mse(a, b):

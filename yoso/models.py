@@ -1,5 +1,5 @@
 """Loading and preparing every model of a YOSO run (SPEC section 1), shared by the training script,
-the tests and the benchmarks so that all three build exactly the same thing.
+the tests and the benchmarks (through ``yoso.run.build_run``) so that all three build exactly the same thing.
 
     G    base UNet + LoRA (LoRA trainable, fp32; base weights frozen, in the compute dtype)
     E    base CLIP text encoder + tokenizer (frozen)
@@ -14,13 +14,25 @@ from dataclasses import dataclass
 import torch
 
 from .discriminator import Discriminator
-from .lora import DEFAULT_TARGET_MODULES, add_lora
+from .lora import add_lora
 from .schedule import YOSOSchedule
 from .teacher import TeacherLatents, load_teacher
 from .unet_encoder import FeatureNet
 
 
-@dataclass
+@dataclass(kw_only=True)
+class ModelParts:
+    """The loaded (or config-built) pieces a run is assembled from, before freezing, LoRA and placement."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    teacher_pipeline: object = None  # already placed on the device in the compute dtype; None: no teacher
+
+
+@dataclass(kw_only=True)
 class YOSOModels:
     tokenizer: object
     text_encoder: torch.nn.Module
@@ -30,48 +42,47 @@ class YOSOModels:
     feature_net: FeatureNet
     noise_scheduler: object
     schedule: YOSOSchedule
-    latent_source: object  # TeacherLatents, or None when the latents come from a cache
+    latent_source: object  # TeacherLatents, or None when the latents come from elsewhere (a cache)
     latent_shape: tuple
     weight_dtype: torch.dtype
 
 
-def load_models(base, teacher, resolution, device, weight_dtype=torch.float32, lora_rank=64, lora_alpha=8,
-                lora_target_modules=DEFAULT_TARGET_MODULES, gradient_checkpointing=False, prediction_type=None,
-                teacher_num_inference_steps=1, teacher_guidance_scale=0.0, revision=None, variant=None,
-                cache_dir=None, xformers=False):
-    """Load every model from its folder or hub id and assemble them. ``teacher=None`` skips the teacher
-    (cached latents)."""
+def load_model_parts(settings, device, weight_dtype):
+    """Load every model of ``settings`` (a ``yoso.run.RunSettings``) from its folder or hub id. The teacher
+    is skipped when ``settings.loads_teacher`` is false (cached latents)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    hub = {"revision": revision, "cache_dir": cache_dir}
+    base = settings.pretrained_model_name_or_path
+    hub = {"revision": settings.revision, "cache_dir": settings.cache_dir}
+    weights = {"variant": settings.variant, **hub}
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **hub)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=variant, **hub)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=variant, **hub)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=variant, **hub)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **weights)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
-    teacher_pipeline = None if teacher is None else load_teacher(teacher, weight_dtype, device, cache_dir=cache_dir)
-    return assemble_models(tokenizer, text_encoder, vae, unet, noise_scheduler, teacher_pipeline, resolution, device,
-                           weight_dtype, lora_rank, lora_alpha, lora_target_modules, gradient_checkpointing,
-                           prediction_type, teacher_num_inference_steps, teacher_guidance_scale, xformers)
+    teacher_pipeline = None
+    if settings.loads_teacher:
+        teacher_pipeline = load_teacher(settings.pretrained_teacher_model, weight_dtype, device,
+                                        cache_dir=settings.cache_dir)
+    return ModelParts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                      noise_scheduler=noise_scheduler, teacher_pipeline=teacher_pipeline)
 
 
-def assemble_models(tokenizer, text_encoder, vae, unet, noise_scheduler, teacher_pipeline, resolution, device,
-                    weight_dtype=torch.float32, lora_rank=64, lora_alpha=8, lora_target_modules=DEFAULT_TARGET_MODULES,
-                    gradient_checkpointing=False, prediction_type=None, teacher_num_inference_steps=1,
-                    teacher_guidance_scale=0.0, xformers=False):
+def assemble_models(parts, settings, *, device, weight_dtype):
     """Freeze, build D from the base weights, add the LoRA, place and cast: the same for loaded models and
-    for the benchmarks' config-built ones. ``teacher_pipeline`` is already on ``device`` (or None)."""
+    for the benchmarks' config-built ones."""
     from diffusers.training_utils import cast_training_params
 
-    schedule = YOSOSchedule.from_scheduler(noise_scheduler, prediction_type)
+    text_encoder, vae, unet = parts.text_encoder, parts.vae, parts.unet
+    schedule = YOSOSchedule.from_scheduler(parts.noise_scheduler, settings.prediction_type)
     for frozen_model in (text_encoder, vae, unet):
         frozen_model.requires_grad_(False)
-    if gradient_checkpointing:
+    if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # before D copies the encoder, so D checkpoints too
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    discriminator = Discriminator(unet, resolution, vae_scale)  # from the base weights, before the LoRA
-    add_lora(unet, lora_rank, lora_alpha, lora_target_modules)
+    discriminator = Discriminator(unet, settings.resolution, vae_scale)  # from the base weights, before the LoRA
+    add_lora(unet, settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
 
     # Frozen weights in the compute dtype; the LoRA and D train in fp32.
     unet.to(device, dtype=weight_dtype)
@@ -80,10 +91,12 @@ def assemble_models(tokenizer, text_encoder, vae, unet, noise_scheduler, teacher
     vae.to(device, dtype=weight_dtype)
     discriminator.to(device, dtype=torch.float32)
 
+    teacher_pipeline = parts.teacher_pipeline
     latent_source = None
     if teacher_pipeline is not None:
-        latent_source = TeacherLatents(teacher_pipeline, teacher_num_inference_steps, teacher_guidance_scale)
-    if xformers:
+        latent_source = TeacherLatents(teacher_pipeline, settings.teacher_num_inference_steps,
+                                       settings.teacher_guidance_scale)
+    if settings.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
         if teacher_pipeline is not None:
             teacher_pipeline.enable_xformers_memory_efficient_attention()
@@ -91,23 +104,8 @@ def assemble_models(tokenizer, text_encoder, vae, unet, noise_scheduler, teacher
             if hasattr(module, "set_use_memory_efficient_attention_xformers"):
                 module.set_use_memory_efficient_attention_xformers(True)
 
-    latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
-    return YOSOModels(tokenizer, text_encoder, vae, unet, discriminator, FeatureNet(unet), noise_scheduler, schedule,
-                      latent_source, latent_shape, weight_dtype)
-
-
-def make_optimizers(unet, discriminator, lr_g, lr_d, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, use_8bit_adam=False):
-    """AdamW for the LoRA (or bitsandbytes' AdamW8bit) and AdamW with beta1 = 0 for D, as in the paper."""
-    from .lora import lora_named_parameters
-
-    if use_8bit_adam:
-        import bitsandbytes as bnb
-
-        adamw = bnb.optim.AdamW8bit
-    else:
-        adamw = torch.optim.AdamW
-    optimizer_g = adamw([p for _, p in lora_named_parameters(unet)], lr=lr_g, betas=betas,
-                        weight_decay=weight_decay, eps=eps)
-    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=lr_d, betas=(0.0, betas[1]),
-                                    weight_decay=weight_decay, eps=eps)
-    return optimizer_g, optimizer_d
+    latent_shape = (unet.config.in_channels, settings.resolution // vae_scale, settings.resolution // vae_scale)
+    return YOSOModels(tokenizer=parts.tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                      discriminator=discriminator, feature_net=FeatureNet(unet), noise_scheduler=parts.noise_scheduler,
+                      schedule=schedule, latent_source=latent_source, latent_shape=latent_shape,
+                      weight_dtype=weight_dtype)

@@ -11,6 +11,13 @@ scale. (The README recipe runs fp16 with accumulation 4, where this matters.)
 
 import torch
 
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype_for(accelerator):
+    """The dtype of the frozen weights under the accelerator's mixed precision (fp32 without it)."""
+    return WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+
 
 def fp16_error(accelerator):
     """One line saying why this run's fp16 cannot work, or None."""

@@ -12,7 +12,6 @@ passes, with fewer kernel launches.
 """
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 
@@ -26,17 +25,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-@dataclass
-class YOSOLossConfig:
-    lambda_con: float = 2.0
-    lambda_kl: float = 0.5
-    lambda_adv: float = 1.0
-    snr_gamma: float = 5.0
-    coop_gap: int = 250
-    consistency_gap: int = 25
-    gan_loss_reduction: str = "batch"
-    noise_offset: float = 0.0
-    max_grad_norm: float = 1.0
+def step_generator(seed, micro_step, rank):
+    """The step's own RNG for eps and t: a function of (seed, micro-step, rank), so resuming is exact and
+    validation (which draws from other generators) cannot shift it."""
+    return torch.Generator().manual_seed((seed * 7_919 + micro_step * 104_729 + rank * 1_299_709) % (2**63 - 1))
 
 
 def no_timer(_phase):
@@ -65,8 +57,9 @@ class YOSOTrainingStep:
     (``discriminator_scaler``, see ``yoso.precision``); a run must checkpoint it.
     """
 
-    def __init__(self, accelerator, unet, discriminator, feature_net, text_encoder, latent_source, schedule,
-                 optimizer_g, optimizer_d, lr_scheduler, ema, config, latent_shape, seed=0, timer=no_timer):
+    def __init__(self, accelerator, *, unet, discriminator, feature_net, text_encoder, latent_source, schedule,
+                 optimizer_g, optimizer_d, lr_scheduler, ema, loss_config, latent_shape, seed=0, noise_offset=0.0,
+                 max_grad_norm=1.0, timer=no_timer):
         self.accelerator = accelerator
         self.unet = unet
         self.unet_module = accelerator.unwrap_model(unet)
@@ -80,7 +73,9 @@ class YOSOTrainingStep:
         self.optimizer_d = optimizer_d
         self.lr_scheduler = lr_scheduler
         self.ema = ema
-        self.config = config
+        self.config = loss_config
+        self.noise_offset = noise_offset
+        self.max_grad_norm = max_grad_norm
         self.latent_shape = tuple(latent_shape)
         self.seed = seed
         self.timer = timer
@@ -99,8 +94,8 @@ class YOSOTrainingStep:
     def sample_noise(self, batch_size, generator, device):
         """eps (with --noise_offset) and t ~ U{0..T-1}, from the step's own generator."""
         eps = torch.randn((batch_size, *self.latent_shape), generator=generator)
-        if self.config.noise_offset:
-            eps += self.config.noise_offset * torch.randn((batch_size, self.latent_shape[0], 1, 1), generator=generator)
+        if self.noise_offset:
+            eps += self.noise_offset * torch.randn((batch_size, self.latent_shape[0], 1, 1), generator=generator)
         t = torch.randint(0, self.schedule.num_train_timesteps, (batch_size,), generator=generator)
         return eps.to(device), t.to(device)
 
@@ -163,7 +158,7 @@ class YOSOTrainingStep:
         grad_norm = None
         with timer("optimizer"):
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(self.lora_parameters, cfg.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(self.lora_parameters, self.max_grad_norm)
             self.optimizer_g.step()
             self.lr_scheduler.step()
             self.optimizer_g.zero_grad(set_to_none=True)
