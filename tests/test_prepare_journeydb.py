@@ -941,8 +941,9 @@ def test_image_root_with_no_image_found_writes_nothing(tmp_path, capsys):
     (empty_root / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "the previous run"}\n')
     code, _, err = run_cli([source, "--output_file", tmp_path / "train.jsonl", "--image_root", empty_root,
                             "--skip_truncation_count", "--no_progress"], capsys)
-    assert_one_line_error(code, err, "no training prompts left", "11 records read", "9 image_missing",
-                          "2 no_img_path", "nothing was written")
+    assert_one_line_error(code, err, f"no training prompts left: 9 records have no image under {empty_root} "
+                          "(first: 000/a.png)", "11 records read", "9 image_missing", "2 no_img_path",
+                          "nothing was written", "--image_root")
     assert only(empty_root) == ["metadata.jsonl"]
     assert (empty_root / "metadata.jsonl").read_text() == '{"file_name": "x.png", "text": "the previous run"}\n'
     assert not (tmp_path / "train.jsonl").exists()

@@ -10,8 +10,17 @@ import time
 from pathlib import Path
 
 from yoso.journeydb.filters import PromptFilter, kept_prompts, kept_prompts_with_images
-from yoso.journeydb.image_folder import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, ImageFolder
-from yoso.journeydb.output import AtomicTextFile, default_summary_file, default_val_file, prompt_line_format
+from yoso.journeydb.image_folder import (
+    DEFAULT_CAPTION_COLUMN,
+    DEFAULT_IMAGE_COLUMN,
+    ImageFolder,
+)
+from yoso.journeydb.output import (
+    AtomicTextFile,
+    default_summary_file,
+    default_val_file,
+    prompt_line_format,
+)
 from yoso.journeydb.readers import ByteProgress, iter_records
 from yoso.journeydb.report import InputError, ReadReport
 from yoso.journeydb.texts import TEXT_SOURCES, record_texts, record_texts_with_images
@@ -32,17 +41,21 @@ def _write_batch(prompts, out, line, count):
     return over
 
 
-def _no_prompts_message(report, dropped, written_val):
-    cause = ""
-    if report.problems:
-        listed = report.problems[:MAX_PROBLEMS_IN_ERROR]
-        more = len(report.problems) - len(listed)
-        cause = ": " + "; ".join(listed) + (f"; and {more} more problems" if more else "")
+def _no_prompts_message(report, dropped, written_val, images):
+    causes = report.problems[:MAX_PROBLEMS_IN_ERROR]
+    more = len(report.problems) - len(causes)
+    if more:
+        causes.append(f"and {more} more problems")
+    if images is not None and images.image_missing:
+        causes.append(f"{images.image_missing} records have no image under {images.root} "
+                      f"(first: {images.image_missing_first[0]})")
+    cause = ": " + "; ".join(causes) if causes else ""
     dropped_text = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n) or "none"
     return (
         f"no training prompts left{cause} ({report.records_read} records read, {report.malformed} malformed, "
         f"{written_val} held out for validation, dropped: {dropped_text}); nothing was written: "
-        "check the inputs, --text_source, --min_words/--max_words and --val_count"
+        f"check the inputs, --text_source, --min_words/--max_words{', --image_root' if images else ''} "
+        "and --val_count"
     )
 
 
@@ -151,7 +164,7 @@ def prepare(
             dropped["no_img_path"] = images.no_img_path
             dropped["image_missing"] = images.image_missing
         if written_train == 0:
-            raise InputError(_no_prompts_message(report, dropped, written_val))
+            raise InputError(_no_prompts_message(report, dropped, written_val, images))
         summary = {
             "inputs": report.inputs,
             "text_source": text_source,
