@@ -3,10 +3,13 @@
     python prepare_journeydb.py data/train/train_anno_realease_repath.jsonl.tgz --output_file train_anno.jsonl
     python prepare_journeydb.py part1.jsonl part2.jsonl extra_prompts.txt --shuffle --val_count 16
 
+    python prepare_journeydb.py train_anno_realease_repath.jsonl.tgz --image_root journeydb/data/train/imgs
+    # -> also journeydb/data/train/imgs/metadata.jsonl: datasets.load_dataset("imagefolder", data_dir=...)
+
 Inputs: ``.jsonl``, ``.jsonl.gz``, ``.tgz``/``.tar.gz``/``.tar`` (streamed, never unpacked), ``.json``
 (a list of records or strings) and ``.txt`` (a prompt a line). Writes ``{"prompt": ...}`` lines (or bare
-lines for a ``.txt`` output), an optional held-out prompt file, and a JSON summary. The logic lives in
-``yoso/journeydb.py``.
+lines for a ``.txt`` output), an optional held-out prompt file, an optional imagefolder ``metadata.jsonl``
+and a JSON summary. The logic lives in the ``yoso/journeydb/`` package.
 """
 
 import argparse
@@ -16,9 +19,13 @@ import sys
 from pathlib import Path
 
 from yoso.journeydb import (
+    DEFAULT_CAPTION_COLUMN,
+    DEFAULT_IMAGE_COLUMN,
+    METADATA_FILE_NAME,
     OUTPUT_SUFFIXES,
     TEXT_SOURCES,
     InputError,
+    column_name_problem,
     default_summary_file,
     default_val_file,
     input_kind,
@@ -92,6 +99,22 @@ def parse_args(argv=None):
     parser.add_argument(
         "--skip_truncation_count", action="store_true", help="do not count prompts over CLIP's 77 tokens",
     )
+    parser.add_argument(
+        "--image_root", default=None, metavar="DIR",
+        help=f"also write DIR/{METADATA_FILE_NAME} for datasets' imagefolder: one row per training prompt, "
+        "its record's img_path (relative to DIR, leading ./ dropped) and the prompt; records whose image "
+        "file is not under DIR are left out of every output before dedupe, and counted (default: none, "
+        "no image metadata)",
+    )
+    parser.add_argument(
+        "--image_column_name", default=None,
+        help=f"--image_root's column of image file names: file_name, or X_file_name to load as column X "
+        f"(default: {DEFAULT_IMAGE_COLUMN}, which loads as the column image)",
+    )
+    parser.add_argument(
+        "--caption_column_name", default=None,
+        help=f"--image_root's column of prompts (default: {DEFAULT_CAPTION_COLUMN})",
+    )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -120,6 +143,14 @@ def _check_args(parser, args):
     if args.val_file is not None and not args.val_count:
         parser.error("--val_file is given but --val_count is 0: add --val_count N")
 
+    for flag in ("image_column_name", "caption_column_name"):
+        if getattr(args, flag) is not None and args.image_root is None:
+            parser.error(f"--{flag} is given but --image_root is not: add --image_root DIR")
+    args.image_column_name = args.image_column_name or DEFAULT_IMAGE_COLUMN
+    args.caption_column_name = args.caption_column_name or DEFAULT_CAPTION_COLUMN
+    if args.image_root is not None:
+        _check_image_root(parser, args)
+
     if args.val_file is None:
         args.val_file = str(default_val_file(args.output_file))
     if args.summary_file is None:
@@ -127,7 +158,11 @@ def _check_args(parser, args):
     outputs = [("--output_file", args.output_file), ("--summary_file", args.summary_file)]
     if args.val_count:
         outputs.append(("--val_file", args.val_file))
+    if args.image_root is not None:
+        outputs.append(("--image_root", str(Path(args.image_root) / METADATA_FILE_NAME)))
     for flag, path in outputs:
+        if flag == "--image_root":
+            continue  # checked in _check_image_root
         if Path(path).is_dir():
             parser.error(f"{flag} {path} is a directory: give a file name")
         if flag != "--summary_file" and Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
@@ -148,6 +183,24 @@ def _check_args(parser, args):
         if resolved in resolved_outputs:
             parser.error(f"{flag} and {resolved_outputs[resolved]} are the same file {path}: give them different names")
         resolved_outputs[resolved] = flag
+
+
+def _check_image_root(parser, args):
+    root = Path(args.image_root)
+    if args.text_source == "both":
+        parser.error("--text_source both gives two texts per image; with --image_root use prompt or caption")
+    problem = column_name_problem(args.image_column_name, args.caption_column_name)
+    if problem:
+        parser.error(problem)
+    if not root.exists():
+        parser.error(f"--image_root {root} does not exist: give the folder the image archives were unpacked into")
+    if not root.is_dir():
+        parser.error(f"--image_root {root} is a file, not a folder: give the folder the images were unpacked into")
+    if not os.access(root, os.W_OK | os.X_OK):
+        parser.error(f"--image_root {root}: the folder is not writable, and {METADATA_FILE_NAME} goes there; "
+                     "make it writable")
+    if (root / METADATA_FILE_NAME).is_dir():
+        parser.error(f"--image_root {root}: {root / METADATA_FILE_NAME} is a directory; move it away")
 
 
 def _warn(message):
@@ -192,6 +245,9 @@ def _run(args):
             strict=args.strict,
             token_counter=token_counter,
             progress=not args.no_progress,
+            image_root=args.image_root,
+            image_column_name=args.image_column_name,
+            caption_column_name=args.caption_column_name,
         )
     except InputError as error:
         _fail(str(error))
@@ -206,9 +262,19 @@ def _run(args):
               f"{first['error']}); --strict stops at the first one")
     for problem in summary["problems"]:
         _warn(problem)
+    images = summary["image_folder"]
+    if images is not None and images["image_missing"]["count"]:
+        missing = images["image_missing"]
+        _warn(f"left out {missing['count']} records whose image is not under {images['image_root']} "
+              f"(first: {', '.join(missing['first'])}); check --image_root and the unpacked image archives")
+    if images is not None and images["no_img_path"]:
+        _warn(f"left out {images['no_img_path']} records without a usable img_path "
+              "(none, not text, absolute, a URL, or outside the image root)")
     written = summary["written"]
     print(f"wrote {written['train']} training prompts to {args.output_file}"
           + (f" and {written['validation']} held-out prompts to {args.val_file}" if args.val_count else "")
+          + (f", {images['rows']} image rows to {images['metadata_file']} ({images['image_missing']['count']} "
+             "records left out: image missing)" if images is not None else "")
           + f"; summary in {args.summary_file}", file=sys.stderr)
     return summary
 

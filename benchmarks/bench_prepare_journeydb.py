@@ -10,6 +10,7 @@ Making the synthetic data is not timed. The records have JourneyDB's shape and s
 
     python benchmarks/bench_prepare_journeydb.py                       # 200,000 records
     python benchmarks/bench_prepare_journeydb.py --num_records 50000 --skip_tgz --stdlib_json
+    python benchmarks/bench_prepare_journeydb.py --skip_tgz --token_counter tokenizers   # the library's encode
 """
 
 import argparse
@@ -24,8 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yoso import journeydb
-from yoso.journeydb import load_clip_token_counter, prepare
+from yoso.journeydb import load_clip_token_counter, prepare, readers
 
 JOURNEYDB_RECORDS = 4_429_295
 RECORDS_PER_PROMPT = JOURNEYDB_RECORDS / 1_643_375  # JourneyDB: images per distinct prompt
@@ -119,10 +119,49 @@ def pack_tgz(jsonl_path, tgz_path, member_name="train_anno_realease_repath.jsonl
     return os.path.getsize(tgz_path)
 
 
-def timed_prepare(inputs, folder, token_counter):
+class TokenizersLibraryCounter:
+    """CLIP token counts from the ``tokenizers`` library's own encode (``--token_counter tokenizers``): the
+    plain alternative to ``ClipTokenCounter``, timed here to compare the two end to end."""
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.no_truncation()  # the count is before truncation, as ClipTokenCounter's
+        self._backend.no_padding()
+        self._cache, self._piece_cache = {}, {}  # nothing cached: the same interface as ClipTokenCounter
+
+    def count(self, text):
+        return len(self._backend.encode(text).ids)
+
+
+def load_token_counter(kind):
+    if kind == "tokenizers":
+        from yoso.clip_bpe import make_clip_tokenizer
+
+        return TokenizersLibraryCounter(make_clip_tokenizer())
+    return load_clip_token_counter()
+
+
+def write_half_the_images(jsonl_path, image_root):
+    """An empty file under ``image_root`` for every other record's ``img_path`` (the rest are missing)."""
+    for index, line in enumerate(Path(jsonl_path).read_text(encoding="utf-8").splitlines()):
+        if index % 2:
+            continue
+        try:
+            img_path = json.loads(line)["img_path"]
+        except (ValueError, KeyError):
+            continue  # the cut-short lines
+        path = Path(image_root) / img_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+
+def timed_prepare(inputs, folder, token_counter, image_root=None):
     """One end-to-end run: (summary, wall seconds, CPU seconds of this process)."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    summary = prepare(inputs, Path(folder) / "out.jsonl", token_counter=token_counter, progress=False)
+    summary = prepare(inputs, Path(folder) / "out.jsonl", token_counter=token_counter, progress=False,
+                      image_root=image_root)
     return summary, time.perf_counter() - started, time.process_time() - cpu_started
 
 
@@ -134,12 +173,22 @@ def main(argv=None):
     parser.add_argument("--skip_tgz", action="store_true", help="time the .jsonl input only")
     parser.add_argument("--output_json", default=None, help="also write the figures here")
     parser.add_argument("--stdlib_json", action="store_true", help="parse with json only, even if orjson is installed")
+    parser.add_argument(
+        "--token_counter", choices=("cached", "tokenizers"), default="cached",
+        help="count CLIP tokens with yoso's ClipTokenCounter (what prepare_journeydb.py uses) or with the "
+        "tokenizers library's own encode, for comparison (default: cached)",
+    )
+    parser.add_argument(
+        "--with_images", action="store_true",
+        help="also time --image_root (metadata.jsonl, an image lookup a record) with half the images present",
+    )
     args = parser.parse_args(argv)
     if args.stdlib_json:
-        journeydb._fast_loads_line = journeydb._stdlib_loads_line
+        readers._fast_loads_line = readers._stdlib_loads_line
 
     results = {
-        "json_parser": "json" if journeydb._fast_loads_line is journeydb._stdlib_loads_line else "orjson",
+        "json_parser": "json" if readers._fast_loads_line is readers._stdlib_loads_line else "orjson",
+        "token_counter": args.token_counter,
         "num_records": args.num_records,
         "cpu_count": os.cpu_count(),
         "load_average_before": round(os.getloadavg()[0], 2),
@@ -148,20 +197,24 @@ def main(argv=None):
         jsonl = Path(folder) / "train_anno.jsonl"
         size = write_synthetic_jsonl(jsonl, args.num_records, args.seed)
         results["bytes_per_record"] = round(size / args.num_records)
-        counter = load_clip_token_counter()
-        cases = [("jsonl, no CLIP count", [jsonl], None), ("jsonl", [jsonl], counter)]
+        counter = load_token_counter(args.token_counter)
+        cases = [("jsonl, no CLIP count", [jsonl], None, None), ("jsonl", [jsonl], counter, None)]
         if not args.skip_tgz:
             tgz = Path(folder) / "train_anno.jsonl.tgz"
             pack_tgz(jsonl, tgz)
-            cases.append(("jsonl.tgz", [tgz], counter))
-        for name, inputs, token_counter in cases:
+            cases.append(("jsonl.tgz", [tgz], counter, None))
+        if args.with_images:
+            image_root = Path(folder) / "imgs"
+            write_half_the_images(jsonl, image_root)
+            cases.append(("jsonl, --image_root", [jsonl], counter, image_root))
+        for name, inputs, token_counter, image_root in cases:
             runs = []
             for _ in range(args.repeat):
                 # A fresh counter cache for each timed run, so no run profits from an earlier one.
                 if token_counter is not None:
                     token_counter._cache.clear()
                     token_counter._piece_cache.clear()
-                runs.append(timed_prepare(inputs, folder, token_counter))
+                runs.append(timed_prepare(inputs, folder, token_counter, image_root))
             # The work is one thread, so its CPU time is its time on one core: records per CPU second is
             # the rate on one core even while other processes share the machine (then it reads low, as
             # they also share the core's caches). Wall time shows what the run got: cpu/wall is the share.
@@ -177,6 +230,7 @@ def main(argv=None):
                 "malformed": summary["malformed"]["count"],
                 "written": summary["written"]["train"],
                 "clip_truncated": (summary["clip_truncated"] or {}).get("count"),
+                "image_missing": summary["dropped"].get("image_missing"),
                 "full_journeydb_minutes": round(JOURNEYDB_RECORDS / rate / 60, 2),
             }
             print(f"{name:22s} {rate:10,.0f} records/s on one core ({cpu_seconds:.2f} s CPU, {seconds:.2f} s wall), "

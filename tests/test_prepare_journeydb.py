@@ -21,7 +21,9 @@ from yoso.journeydb import (
     ClipTokenCounter,
     InputError,
     clean_prompt,
+    filters,
     prepare,
+    readers,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,8 +330,8 @@ def test_dedupe_folds_case_and_whitespace_and_keeps_the_first_form(tmp_path):
 
 def test_exact_raw_repeats_of_kept_prompts_are_not_cleaned_again(tmp_path, monkeypatch):
     cleaned = []
-    real_clean = journeydb.clean_prompt
-    monkeypatch.setattr(journeydb, "clean_prompt", lambda text: cleaned.append(text) or real_clean(text))
+    real_clean = filters.clean_prompt
+    monkeypatch.setattr(filters, "clean_prompt", lambda text: cleaned.append(text) or real_clean(text))
     prompts = [PROMPTS_A[0], PROMPTS_A[1], PROMPTS_A[0], PROMPTS_A[0], "fox", "fox", PROMPTS_A[1]]
     source = write_jsonl(tmp_path / "a.jsonl", [record(p) for p in prompts])
     summary = prepare([source], tmp_path / "out.jsonl", min_words=2, progress=False)
@@ -464,9 +466,9 @@ def test_orjson_and_the_standard_library_give_the_same_results(tmp_path, monkeyp
             orjson.loads(line.encode())
         refused_by_orjson += 1
     source = write_jsonl(tmp_path / "a.jsonl", lines)
-    assert journeydb._fast_loads_line is orjson.loads
+    assert readers._fast_loads_line is orjson.loads
     with_orjson = prepare([source], tmp_path / "orjson.jsonl", progress=False)
-    monkeypatch.setattr(journeydb, "_fast_loads_line", journeydb._stdlib_loads_line)
+    monkeypatch.setattr(readers, "_fast_loads_line", readers._stdlib_loads_line)
     with_json = prepare([source], tmp_path / "json.jsonl", progress=False)
 
     assert read_prompts(tmp_path / "orjson.jsonl") == read_prompts(tmp_path / "json.jsonl") == [
@@ -553,6 +555,53 @@ def test_truncated_archive_keeps_what_was_read_and_reports_it(tmp_path):
     assert read_prompts(tmp_path / "out.jsonl") == [f"a red fox number {i}" for i in range(read)]
     with pytest.raises(InputError, match="download the file again"):
         prepare([cut], tmp_path / "strict.jsonl", strict=True, progress=False)
+
+
+def _gzip_tar_of(lines):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        add_member(archive, "anno.jsonl", "".join(json.dumps(record(p)) + "\n" for p in lines).encode())
+    return buffer.getvalue()
+
+
+BROKEN_BEFORE_THE_FIRST_RECORD = [
+    # (file name, its bytes, the reason the messages give)
+    ("data.tgz", b"a red fox in the snow\nan old lighthouse\n", "not a gzip file"),
+    ("data.tar.gz", b"{\"prompt\": \"a red fox\"}\n", "not a gzip file"),
+    ("data.tar", b"a red fox in the snow\n" * 40, "not a tar file"),
+    ("data.jsonl.gz", b"{\"prompt\": \"a red fox\"}\n", "not a gzip file"),
+    ("data.tgz", b"", "the file is empty"),
+    ("data.tgz", _gzip_tar_of(PROMPTS_A)[:30], "its gzip data ends early or is corrupt"),
+    ("data.jsonl.gz", gzip.compress(b'{"prompt": "a red fox"}\n' * 50)[:25], "its gzip data ends early or is corrupt"),
+    ("data.tgz", gzip.compress(b"a red fox in the snow\n" * 40), "the gzip file holds no tar archive"),
+]
+
+
+@pytest.mark.parametrize("name,data,reason", BROKEN_BEFORE_THE_FIRST_RECORD,
+                         ids=[f"{name}:{reason}" for name, _, reason in BROKEN_BEFORE_THE_FIRST_RECORD])
+def test_input_broken_before_its_first_record_is_named(tmp_path, capsys, name, data, reason):
+    broken = tmp_path / name
+    broken.write_bytes(data)
+    out = tmp_path / "out.jsonl"
+    cause = f"{broken} could not be read ({reason}"
+    # Alone: the one-line error says why nothing is left.
+    code, _, err = run_cli([broken, "--output_file", out, "--skip_truncation_count", "--no_progress"], capsys)
+    assert_one_line_error(code, err, f"no training prompts left: {cause}", "0 records read", "nothing was written")
+    assert not out.exists()
+    # Beside a good input: the summary JSON and a warning name it, and the good input is used.
+    good = write_jsonl(tmp_path / "good.jsonl", [record(p) for p in PROMPTS_A])
+    code, stdout, err = run_cli([good, broken, "--output_file", out, "--skip_truncation_count", "--no_progress"],
+                                capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert len(summary["problems"]) == 1 and summary["problems"][0].startswith(cause)
+    assert summary["inputs"][1]["error"] == summary["problems"][0] and summary["inputs"][1]["records"] == 0
+    assert f"warning: {cause}" in err
+    assert read_prompts(out) == CLEAN_A
+    # --strict: the same cause, as the error.
+    code, _, err = run_cli([good, broken, "--output_file", tmp_path / "strict.jsonl", "--skip_truncation_count",
+                            "--no_progress", "--strict"], capsys)
+    assert_one_line_error(code, err, cause, "download the file again")
 
 
 def test_non_utf8_txt_line_is_counted(tmp_path):
@@ -656,7 +705,7 @@ def test_interrupted_run_leaves_previous_outputs_whole_and_no_temporary_files(tm
     (tmp_path / "out.summary.json").write_text("{}\n")
     before = {name: (tmp_path / name).read_bytes() for name in only(tmp_path)}
     calls = []
-    real_clean = journeydb.clean_prompt
+    real_clean = filters.clean_prompt
 
     def interrupted_clean(text):
         calls.append(text)
@@ -664,7 +713,7 @@ def test_interrupted_run_leaves_previous_outputs_whole_and_no_temporary_files(tm
             raise KeyboardInterrupt  # Ctrl-C in the middle of the stream
         return real_clean(text)
 
-    monkeypatch.setattr(journeydb, "clean_prompt", interrupted_clean)
+    monkeypatch.setattr(filters, "clean_prompt", interrupted_clean)
     code, _, err = run_cli([source, "--output_file", out, "--val_count", "3", "--skip_truncation_count"], capsys)
     assert code == 130 and "interrupted; no output file was changed" in err and "Traceback" not in err
     assert {name: (tmp_path / name).read_bytes() for name in only(tmp_path)} == before
@@ -797,6 +846,152 @@ def test_outputs_load_with_the_training_scripts_reader(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# an imagefolder metadata.jsonl for the images (--image_root)
+
+
+def _write_png(path, color):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), color).save(path)
+
+
+def _image_folder_case(tmp_path):
+    """An image root with a few tiny PNGs, and JourneyDB-like records in a .tgz: some images missing."""
+    root = tmp_path / "imgs"
+    colors = {"000/a.png": (255, 0, 0), "000/b.png": (0, 255, 0), "001/c.png": (0, 0, 255),
+              "001/d.png": (255, 255, 0), "002/e.png": (0, 255, 255), "002/f.png": (255, 0, 255)}
+    for name, color in colors.items():
+        _write_png(root / name, color)
+    records = [
+        {**record("a red fox --ar 16:9", caption="A red fox in snow."), "img_path": "./000/a.png"},
+        {**record("an old lighthouse --v 5", caption="A lighthouse."), "img_path": "./000/b.png"},
+        {**record("a snowy village", caption="A village."), "img_path": "./001/gone.png"},  # image missing
+        {**record("A Red Fox", caption="Another fox."), "img_path": "./001/d.png"},  # duplicate prompt
+        {**record("a koi pond", caption="A pond."), "img_path": "./002/lost.png"},  # image missing ...
+        {**record("a koi pond", caption="A pond again."), "img_path": "./002/e.png"},  # ... a repeat has it
+        {**record("a bowl of ramen"), "img_path": "001/c.png"},  # no "./", no caption
+        {**record("--ar 16:9 --v 5", caption="Empty prompt."), "img_path": "./002/f.png"},  # empty prompt
+        record("a tiny robot"),  # the usual ./NNN/<hex>.jpg path, not under the root
+        {"prompt": "no image path at all"},
+        {**record("a way out"), "img_path": "../outside.png"},
+    ]
+    records[8]["img_path"] = "./003/" + "0" * 32 + ".jpg"
+    source = tmp_path / "train_anno.jsonl.tgz"
+    with tarfile.open(source, "w:gz") as archive:
+        add_member(archive, "train_anno.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    return root, colors, source
+
+
+def _load_image_folder(root, cache):
+    import datasets
+
+    rows = datasets.load_dataset("imagefolder", data_dir=str(root), split="train", cache_dir=str(cache))
+    return [(row["text"], row["image"].convert("RGB").getpixel((0, 0))) for row in rows], rows.column_names
+
+
+def test_image_root_writes_an_imagefolder_that_datasets_loads(tmp_path, capsys):
+    root, colors, source = _image_folder_case(tmp_path)
+    out = tmp_path / "train.jsonl"
+    code, stdout, err = run_cli([source, "--output_file", out, "--image_root", root, "--val_count", "1",
+                                 "--skip_truncation_count", "--no_progress"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    # "a red fox" is held out for validation; its image is in no training row.
+    expected = [("an old lighthouse", "000/b.png"), ("a koi pond", "002/e.png"), ("a bowl of ramen", "001/c.png")]
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"file_name": name, "text": text} for text, name in expected]
+    assert read_prompts(out) == [text for text, _ in expected]
+    assert (tmp_path / "train_val.txt").read_text().splitlines() == ["a red fox"]
+    assert summary["image_folder"] == {
+        "image_root": str(root), "metadata_file": str(root / "metadata.jsonl"),
+        "image_column_name": "file_name", "caption_column_name": "text", "rows": 3,
+        "image_missing": {"count": 3, "first": ["001/gone.png", "002/lost.png", "003/" + "0" * 32 + ".jpg"]},
+        "no_img_path": 2,
+    }
+    assert summary["dropped"] == {
+        "missing_text": 0, "empty": 1, "too_few_words": 0, "too_many_words": 0, "duplicate": 1,
+        "over_max_samples": 0, "no_img_path": 2, "image_missing": 3,
+    }
+    assert summary["records_read"] == summary["texts_considered"] == 11
+    assert "left out 3 records whose image is not under" in err and "001/gone.png, 002/lost.png" in err
+    assert "left out 2 records without a usable img_path" in err
+    assert f"3 image rows to {root / 'metadata.jsonl'} (3 records left out: image missing)" in err
+
+    loaded, columns = _load_image_folder(root, tmp_path / "cache")
+    assert columns == ["image", "text"]
+    assert loaded == [(text, colors[name]) for text, name in expected]  # each caption with its own image
+
+    # Captions instead of prompts, into the same folder: the file is replaced whole.
+    code, stdout, err = run_cli([source, "--output_file", out, "--image_root", root, "--text_source", "caption",
+                                 "--skip_truncation_count", "--no_progress"], capsys)
+    assert code == 0, err
+    loaded, _ = _load_image_folder(root, tmp_path / "cache2")
+    assert loaded == [("A red fox in snow.", colors["000/a.png"]), ("A lighthouse.", colors["000/b.png"]),
+                      ("Another fox.", colors["001/d.png"]), ("A pond again.", colors["002/e.png"]),
+                      ("a bowl of ramen", colors["001/c.png"]), ("Empty prompt.", colors["002/f.png"])]
+    assert json.loads(stdout)["caption_missing"] == 1
+    assert sorted(path.name for path in root.iterdir()) == ["000", "001", "002", "metadata.jsonl"]
+
+
+def test_image_root_with_no_image_found_writes_nothing(tmp_path, capsys):
+    root, _, source = _image_folder_case(tmp_path)
+    empty_root = tmp_path / "other_imgs"
+    empty_root.mkdir()
+    (empty_root / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "the previous run"}\n')
+    code, _, err = run_cli([source, "--output_file", tmp_path / "train.jsonl", "--image_root", empty_root,
+                            "--skip_truncation_count", "--no_progress"], capsys)
+    assert_one_line_error(code, err, f"no training prompts left: 9 records have no image under {empty_root} "
+                          "(first: 000/a.png)", "11 records read", "9 image_missing", "2 no_img_path",
+                          "nothing was written", "--image_root")
+    assert only(empty_root) == ["metadata.jsonl"]
+    assert (empty_root / "metadata.jsonl").read_text() == '{"file_name": "x.png", "text": "the previous run"}\n'
+    assert not (tmp_path / "train.jsonl").exists()
+
+
+def test_image_file_name_resolution():
+    from yoso.journeydb import image_file_name
+
+    assert image_file_name("./000/abc.jpg") == "000/abc.jpg"
+    assert image_file_name("000/abc.jpg") == "000/abc.jpg"
+    assert image_file_name(".\\000\\abc.jpg") == "000/abc.jpg"
+    assert image_file_name("./000/../001/./abc.jpg") == "001/abc.jpg"
+    for unusable in ("", ".", "./", "../abc.jpg", "000/../../abc.jpg", "/data/abc.jpg", "C:/data/abc.jpg",
+                     "https://example.com/abc.jpg", None, 7):
+        assert image_file_name(unusable) is None, unusable
+
+
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        (["--image_root", "{tmp}/no_such_dir"], ["--image_root", "no_such_dir", "does not exist"]),
+        (["--image_root", "{tmp}/a.jsonl"], ["--image_root", "is a file, not a folder"]),
+        (["--image_root", "{tmp}", "--text_source", "both"], ["--text_source both", "--image_root"]),
+        (["--image_root", "{tmp}", "--image_column_name", "image"],
+         ["--image_column_name image", "file_name", "_file_name"]),
+        (["--image_root", "{tmp}", "--caption_column_name", "file_name"], ["--caption_column_name file_name"]),
+        (["--image_root", "{tmp}", "--image_column_name", "photo_file_name", "--caption_column_name", "photo"],
+         ["--caption_column_name photo", "image column"]),
+        (["--image_column_name", "file_name"], ["--image_column_name", "--image_root"]),
+        (["--caption_column_name", "prompt"], ["--caption_column_name", "--image_root"]),
+        (["--image_root", "{tmp}", "--output_file", "{tmp}/metadata.jsonl"], ["same file", "metadata.jsonl"]),
+    ],
+)
+def test_bad_image_root_flags_are_one_line_errors(tmp_path, capsys, extra, needles):
+    source = write_jsonl(tmp_path / "a.jsonl", [record("a fox")])
+    before = only(tmp_path)
+    code, _, err = run_cli([source, *[arg.format(tmp=tmp_path) for arg in extra]], capsys)
+    assert_one_line_error(code, err, *needles)
+    assert only(tmp_path) == before
+
+
+def test_image_root_metadata_that_is_an_input_is_refused(tmp_path, capsys):
+    metadata = write_jsonl(tmp_path / "metadata.jsonl", [record("a fox")])
+    code, _, err = run_cli([metadata, "--image_root", tmp_path, "--output_file", tmp_path / "o.jsonl"], capsys)
+    assert_one_line_error(code, err, "--image_root", "is also an input")
+
+
+# --------------------------------------------------------------------------------------------------
 # CLIP truncation counts
 
 TOKEN_PROMPTS = [
@@ -889,3 +1084,56 @@ def test_benchmark_runs_on_a_small_synthetic_set(tmp_path):
         assert results[run]["records_read"] + results[run]["malformed"] == 3000
         assert results[run]["records_per_second"] > 0 and 0 < results[run]["core_share"] <= 1.05
     assert results["jsonl"]["written"] == results["jsonl.tgz"]["written"] == results["jsonl, no CLIP count"]["written"]
+
+
+# --------------------------------------------------------------------------------------------------
+# production code and test machinery stay apart
+
+
+def test_production_code_does_not_import_the_test_machinery():
+    import ast
+
+    importers = []
+    for path in [REPO / "prepare_journeydb.py", *sorted((REPO / "yoso").rglob("*.py"))]:
+        if path.name == "testing.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            if "yoso.testing" in names:
+                importers.append(str(path.relative_to(REPO)))
+    assert importers == []
+
+
+def test_one_clip_byte_table_serves_the_tiny_models_and_the_token_counter(clip_tokenizer):
+    from yoso import clip_bpe, testing
+
+    table = clip_bpe.bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert testing.make_clip_tokenizer is clip_bpe.make_clip_tokenizer
+    vocab = clip_tokenizer.get_vocab()
+    # Token ids 0..255 are the byte characters in the table's order (printable bytes first).
+    assert [vocab[char] for char in table.values()] == list(range(256))
+    assert table[ord("a")] == "a" and table[ord(" ")] == "Ġ" and table[0] == "Ā"
+
+
+def test_the_benchmarks_tokenizers_library_counter_gives_the_same_counts(clip_tokenizer):
+    from benchmarks.bench_prepare_journeydb import TokenizersLibraryCounter
+
+    library, cached = TokenizersLibraryCounter(clip_tokenizer), ClipTokenCounter(clip_tokenizer)
+    expected = [len(ids) for ids in clip_tokenizer(TOKEN_PROMPTS).input_ids]
+    assert [library.count(p) for p in TOKEN_PROMPTS] == [cached.count(p) for p in TOKEN_PROMPTS] == expected
+
+
+def test_benchmark_times_the_image_root_case(tmp_path):
+    from benchmarks.bench_prepare_journeydb import main as bench_main
+
+    results = bench_main(["--num_records", "1000", "--repeat", "1", "--skip_tgz", "--with_images"])
+    with_images, plain = results["jsonl, --image_root"], results["jsonl"]
+    assert with_images["records_read"] == plain["records_read"] == 1000 and with_images["records_per_second"] > 0
+    # Every other record's image exists; a prompt is kept when any of its records has its image.
+    assert with_images["image_missing"] == 500 and plain["image_missing"] is None
+    assert 0 < with_images["written"] < plain["written"]

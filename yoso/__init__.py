@@ -18,7 +18,8 @@ One concept per module:
 - ``checkpoint``    atomic checkpoint folders, ``latest``, pruning
 - ``validation``    1-/2-step validation grids from the LoRA and its EMA
 - ``checks``        command-line validation that fails in one line before any model loads
-- ``journeydb``     JourneyDB annotations -> clean prompt file (``prepare_journeydb.py``)
+- ``journeydb``     JourneyDB annotations -> clean prompt file, imagefolder metadata (a package: ``prepare_journeydb.py``)
+- ``clip_bpe``      SD1.5's CLIP BPE tokenizer rebuilt offline from open_clip's merge list
 - ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)
 - ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
 """

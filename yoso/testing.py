@@ -15,8 +15,6 @@ Command line::
 """
 
 import argparse
-import gzip
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -53,52 +51,9 @@ TURBO_SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
-CLIP_VOCAB_SIZE = 49408
-CLIP_MAX_LENGTH = 77
-
-
-def _bpe_vocab_path():
-    # find_spec locates the package without importing it (importing open_clip pulls in torchvision).
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open_clip_torch is needed for the offline CLIP tokenizer: pip install --no-deps open_clip_torch")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing from open_clip_torch; reinstall it with pip install --no-deps open_clip_torch")
-    return path
-
-
-def _byte_to_unicode():
-    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, [chr(c) for c in codes]))
-
-
-def clip_bpe_vocab():
-    """SD1.5's CLIP BPE vocabulary and merge list, rebuilt from open_clip_torch's merge file."""
-    lines = gzip.open(_bpe_vocab_path(), "rt", encoding="utf-8").read().split("\n")
-    # CLIP uses the first 49152 - 256 - 2 merges of the list (line 0 is a header).
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_chars = list(_byte_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(tokens) == CLIP_VOCAB_SIZE, len(tokens)
-    return {tok: i for i, tok in enumerate(tokens)}, merges
-
-
-def make_clip_tokenizer(pad_token="<|endoftext|>"):
-    """SD1.5's CLIP tokenizer (77 tokens); ``pad_token="!"`` gives the SD2 / SD-Turbo variant."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = clip_bpe_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH)
+# SD1.5's CLIP tokenizer lives in production code (the JourneyDB token counter uses it too); the tiny
+# models take it from there.
+from yoso.clip_bpe import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_bpe_vocab, make_clip_tokenizer
 
 
 def write_clip_vocab_files(folder):
