@@ -10,6 +10,9 @@ One concept per module:
 - ``lora``          LoRA config, targets, save/load in diffusers format
 - ``data``          prompt files and the resumable, rank-sharded prompt sampler
 - ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents
+- ``image_data``    real image-caption data instead of the teacher: routes, preflight, resumable rank-sharded batches
+- ``image_processing`` one image sample: decode, resize/crop/flip, VAE latents, randomness per (seed, epoch, id)
+- ``tar_shards``    webdataset-style tar shards read lazily (headers scanned, a rank reads its own samples)
 - ``latent_stats``  mean/std of the training latents for one-step IPI sampling: accumulated, saved, loaded
 - ``latent_cache``  precomputed teacher latents (train without loading the teacher)
 - ``models``        loading and placing every model of a run (shared by script, tests, benchmarks)
