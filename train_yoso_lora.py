@@ -21,8 +21,8 @@ from yoso.checks import ArgumentError, preflight
 from yoso.checkpoint import latest_checkpoint
 from yoso.data import PromptFileError
 from yoso.latent_cache import LatentCacheError, check_cache_for_run
-from yoso.lora import DEFAULT_TARGET_MODULES
-from yoso.losses import GAN_REDUCTIONS
+from yoso.lora import DEFAULT_TARGET_MODULES, LORA_INITS
+from yoso.losses import GAN_REDUCTIONS, KL_WEIGHTINGS, LOSS_SPACES
 from yoso.precision import fp16_error
 from yoso.step import NonFiniteLossError
 
@@ -63,11 +63,24 @@ def parse_args(argv=None):
     p.add_argument("--consistency_gap", type=int, default=25, help="t_p = max(t - gap, 0): the consistency target.")
     p.add_argument("--gan_loss_reduction", default="batch", choices=GAN_REDUCTIONS,
                    help="'batch': softplus of the batch-mean logit (public script); 'sample': mean of per-sample softplus (paper).")
+    p.add_argument("--kl_weighting", default="batch", choices=KL_WEIGHTINGS,
+                   help="Weight of the data loss: 'batch': mean_b(min(SNR(t), gamma)) x MSE over the batch, what the released "
+                        "script computes; 'sample': per-sample min(SNR(t), gamma) x that sample's MSE (SPEC section 2).")
+    p.add_argument("--consistency_loss", default="lpl", choices=LOSS_SPACES,
+                   help="'lpl': latent perceptual (through the UNet's encoder half); 'mse': in latent space, no feature-net pass.")
+    p.add_argument("--kl_loss", default="mse", choices=LOSS_SPACES,
+                   help="'mse': the data loss in latent space; 'lpl': through the feature net, like the consistency loss.")
     p.add_argument("--noise_offset", type=float, default=0.0)
+    p.add_argument("--input_perturbation", type=float, default=0.0,
+                   help="Noise x_t with eps + p * fresh noise (x_td and x_tp keep eps), as the released script; 0: off.")
+    p.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="A non-finite D or G loss skips that optimizer's update; this many skipped steps in a row stop the run.")
     # LoRA and EMA
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--lora_alpha", type=float, default=8)
     p.add_argument("--lora_target_modules", nargs="+", default=list(DEFAULT_TARGET_MODULES))
+    p.add_argument("--init_lora_weights", default="default", choices=LORA_INITS,
+                   help="'default': peft's (A Kaiming-uniform, B zero), as the released script; 'gaussian': diffusers' examples'.")
     p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the LoRA; it becomes the final LoRA.")
     p.add_argument("--ema_decay", type=float, default=0.999)
     # Optimization
@@ -83,13 +96,14 @@ def parse_args(argv=None):
     p.add_argument("--scale_lr", action="store_true", help="Multiply learning rates by accumulation x batch x processes.")
     p.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--lr_warmup_steps", type=int, default=500,
+                   help="Warm-up steps of the *_with_warmup, linear, cosine and polynomial schedules (the constant schedule has none).")
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--adam_weight_decay", type=float, default=1e-2)
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for the LoRA.")
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for the LoRA and D (CUDA).")
     p.add_argument("--allow_tf32", action="store_true")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config. Frozen weights run in this dtype; LoRA and D stay fp32.")
@@ -241,15 +255,19 @@ def train(args, prompts, accelerator, output_dir):
                     raise NonFiniteLossError(f"at step {state.global_step + 1}, {error}") from None
             state.micro_steps += 1
             latent_stats.update(accelerator.gather(logs.pop("x0")))
-            grad_norm = logs.pop("grad_norm")
+            grad_norm, nonfinite = logs.pop("grad_norm"), logs.pop("nonfinite")
             losses.add(logs)
             if not accelerator.sync_gradients:
                 continue
 
             state.global_step += 1
             progress.update(1)
+            if nonfinite:
+                state.nonfinite_steps += 1
+                logger.warning(f"step {state.global_step}: {nonfinite}")
             scalars = losses.means()
-            scalars.update(lr=run.lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else 0.0)
+            scalars.update(lr=run.lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+                           nonfinite_steps=state.nonfinite_steps)
             accelerator.log(scalars, step=state.global_step)
             progress.set_postfix({k: f"{scalars[k]:.4f}" for k in ("loss_con", "loss_kl", "loss_adv", "loss_d")})
 

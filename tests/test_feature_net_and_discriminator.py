@@ -64,7 +64,7 @@ def test_adapters_disabled_context_restores_on_error(tiny_base):
 
 
 def consistency_grads(tiny_base, checkpointing, make_feature_net=FeatureNet):
-    """d L_con / d pred and d L_con / d LoRA, with F on [pred ; target] as in the training step."""
+    """d L_con / d pred and d L_con / d LoRA, with F on pred (graph) and on the target (no graph) as in the step."""
     from yoso.losses import consistency_loss
 
     torch.manual_seed(0)
@@ -80,9 +80,11 @@ def consistency_grads(tiny_base, checkpointing, make_feature_net=FeatureNet):
     pred.retain_grad()
     with torch.no_grad():
         target = unet(x_t * 0.9, t - 25, c).sample
-    features = make_feature_net(unet)(torch.cat([pred, target]), torch.cat([c, c]))
-    f_pred, f_target = features.chunk(2)
-    consistency_loss(f_pred, f_target.detach(), torch.tensor([2.0, 5.0])).backward()
+    feature_net = make_feature_net(unet)
+    f_pred = feature_net(pred, c)
+    with torch.no_grad():
+        f_target = feature_net(target, c)
+    consistency_loss(f_pred, f_target, torch.tensor([2.0, 5.0])).backward()
     return pred.grad.clone(), [p.grad.clone() for _, p in lora_named_parameters(unet)]
 
 

@@ -28,9 +28,11 @@ class CallLog:
         return [b for n, b, _ in self.calls if n == name]
 
 
-@pytest.mark.parametrize("teacher_steps", [1, 2])
-def test_unet_passes_per_step(tiny_base, tiny_teacher, teacher_steps):
-    trainer, models = build_trainer(tiny_base, tiny_teacher, teacher_steps=teacher_steps)
+@pytest.mark.parametrize("teacher_steps,consistency_loss,kl_loss", [(1, "lpl", "mse"), (2, "lpl", "mse"),
+                                                                    (1, "mse", "mse"), (1, "lpl", "lpl"), (1, "mse", "lpl")])
+def test_unet_passes_per_step(tiny_base, tiny_teacher, teacher_steps, consistency_loss, kl_loss):
+    trainer, models = build_trainer(tiny_base, tiny_teacher, teacher_steps=teacher_steps,
+                                    consistency_loss=consistency_loss, kl_loss=kl_loss)
     log = CallLog()
     handles = [
         models.latent_source.pipeline.unet.register_forward_pre_hook(log.hook("teacher"), with_kwargs=True),
@@ -47,10 +49,13 @@ def test_unet_passes_per_step(tiny_base, tiny_teacher, teacher_steps):
     assert log.count("teacher") == teacher_steps and log.batch_sizes("teacher") == [B] * teacher_steps
     assert log.count("G", grad=True) == 1 and log.count("G", grad=False) == 1
     assert log.batch_sizes("G") == [B, 2 * B]  # x_t with grad; [x_td ; x_tp] without
-    assert log.count("F") == 1 and log.batch_sizes("F") == [2 * B]  # [pred ; target]
+    # F: pred with a graph; its targets (the consistency target, x0 for --kl_loss lpl) in one pass without.
+    targets = (consistency_loss == "lpl") + (kl_loss == "lpl")
+    expected_f = [(B, True), (targets * B, False)] if targets else []
+    assert [(b, g) for n, b, g in log.calls if n == "F"] == expected_f
     assert log.batch_sizes("D") == [2 * B, B]  # [real ; fake] in D's update, pred in G's
     # F runs G's encoder half, not a UNet forward: mid-block runs for G, G and F only.
-    assert log.count("mid_block") == 3
+    assert log.count("mid_block") == 2 + len(expected_f)
 
 
 def test_one_eps_for_all_noisings(tiny_base, tiny_teacher):
@@ -137,7 +142,8 @@ def test_bf16_mixed_precision_dtypes_and_validation_has_no_side_effects(tiny_bas
     assert all(p.dtype == torch.float32 for p in models.discriminator.parameters())
 
     logs = trainer.step(make_batch(models, PROMPTS[:2]), torch.Generator().manual_seed(0))
-    assert all(torch.isfinite(v).all() for k, v in logs.items() if k not in ("x0", "grad_norm"))
+    assert logs["nonfinite"] is None
+    assert all(torch.isfinite(v).all() for k, v in logs.items() if k not in ("x0", "grad_norm", "nonfinite"))
     assert all(p.dtype == torch.float32 for p in lora)  # the optimizer step kept fp32
 
     snapshot = [p.detach().clone() for p in lora]
@@ -157,13 +163,49 @@ def test_bf16_mixed_precision_dtypes_and_validation_has_no_side_effects(tiny_bas
     assert np.abs(np.asarray(images[0], dtype=float) - np.asarray(images[2], dtype=float)).max() > 0
 
 
-def test_non_finite_loss_raises_before_any_update(tiny_base, tiny_teacher):
-    trainer, models = build_trainer(tiny_base, tiny_teacher)
+def snapshot(trainer, models):
+    return ([p.detach().clone() for _, p in lora_named_parameters(models.unet)],
+            [p.detach().clone() for p in models.discriminator.parameters()], [s.clone() for s in trainer.ema.shadow])
+
+
+def unchanged(before, after):
+    return [all(torch.equal(a, b) for a, b in zip(x, y)) for x, y in zip(before, after)]
+
+
+def test_non_finite_loss_is_skipped_and_training_goes_on(tiny_base, tiny_teacher):
+    trainer, models = build_trainer(tiny_base, tiny_teacher, gradient_accumulation_steps=2)
+    accelerator = trainer.accelerator
+
+    def micro_step(i, poisoned=False):
+        batch = make_batch(models, PROMPTS[:2], start_index=2 * i)
+        if poisoned:
+            batch["latents"] = torch.full((2, 4, 8, 8), float("inf"))
+        with accelerator.accumulate(trainer.unet, trainer.discriminator):
+            return trainer.step(batch, torch.Generator().manual_seed(i))
+
+    # An inf in the first micro-step of a window skips the whole window's D and G updates, and the EMA's.
+    before = snapshot(trainer, models)
+    assert micro_step(0, poisoned=True)["nonfinite"] is None  # decided at the window's end
+    logs = micro_step(1)
+    assert "discriminator and generator loss not finite" in logs["nonfinite"] and logs["grad_norm"] is None
+    assert unchanged(before, snapshot(trainer, models)) == [True, True, True]
+    assert trainer.ema.num_updates == 0 and trainer.consecutive_nonfinite == 1
+    # The next window trains as usual, from a clean slate (no inf gradient left over), to finite weights.
+    for i in (2, 3):
+        logs = micro_step(i)
+    assert logs["nonfinite"] is None and trainer.consecutive_nonfinite == 0 and trainer.ema.num_updates == 1
+    after = snapshot(trainer, models)
+    assert unchanged(before, after) == [False, False, False]
+    assert all(torch.isfinite(t).all() for group in after for t in group)
+
+
+def test_consecutive_non_finite_losses_stop_the_run(tiny_base, tiny_teacher):
+    trainer, models = build_trainer(tiny_base, tiny_teacher, max_nonfinite_steps=3)
     batch = make_batch(models, PROMPTS[:2])
     batch["latents"] = torch.full((2, 4, 8, 8), float("nan"))
-    lora_before = [p.detach().clone() for _, p in lora_named_parameters(models.unet)]
-    d_before = [p.detach().clone() for p in models.discriminator.parameters()]
-    with pytest.raises(NonFiniteLossError, match="not finite"):
-        trainer.step(batch, torch.Generator().manual_seed(0))
-    assert all(torch.equal(p, b) for (_, p), b in zip(lora_named_parameters(models.unet), lora_before))
-    assert all(torch.equal(p, b) for p, b in zip(models.discriminator.parameters(), d_before))
+    before = snapshot(trainer, models)
+    for i in range(2):
+        assert "not finite" in trainer.step(batch, torch.Generator().manual_seed(i))["nonfinite"]
+    with pytest.raises(NonFiniteLossError, match="not finite for 3 consecutive steps"):
+        trainer.step(batch, torch.Generator().manual_seed(2))
+    assert unchanged(before, snapshot(trainer, models)) == [True, True, True]

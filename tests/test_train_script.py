@@ -101,7 +101,8 @@ def test_validation_grid_and_tracker_scalars(run_a):
     assert "ema 2-step" in (out / "validation" / "README.txt").read_text()
     events = EventAccumulator(str(out / "logs" / "yoso-lora"), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"loss_con", "loss_kl", "loss_adv", "loss_d", "d_real", "d_fake", "lr", "grad_norm"} <= scalars
+    assert {"loss_con", "loss_kl", "loss_adv", "loss_d", "d_real", "d_fake", "lr", "grad_norm", "nonfinite_steps"} <= scalars
+    assert [e.value for e in events.Scalars("nonfinite_steps")] == [0] * STEPS
     assert len(events.Scalars("loss_kl")) == STEPS
     # One tiled image event per validation: the 8 images (2 prompts x 4 columns) side by side.
     image_events = events.Images("validation")
@@ -141,6 +142,11 @@ def test_two_processes_hold_identical_weights(tiny_base, tiny_teacher, prompts_f
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Backend: gloo" in result.stderr and "[RANK 1]" in result.stderr
     rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
+    # The ranks trained on disjoint prompts: 3 steps x 2 micro-steps x 2 prompts each, 12 distinct of the 48.
+    seen = [json.loads((dump / f"rank{r}_indices.json").read_text()) for r in (0, 1)]
+    assert [len(batches) for batches in seen] == [6, 6] and all(len(b) == 2 for batches in seen for b in batches)
+    flat = [[i for b in batches for i in b] for batches in seen]
+    assert len(set(flat[0])) == len(set(flat[1])) == 12 and not set(flat[0]) & set(flat[1])
     assert rank0.keys() == rank1.keys() and any(k.startswith("d.") for k in rank0)
     for k in rank0:
         assert torch.equal(rank0[k], rank1[k]), k
@@ -171,7 +177,7 @@ def test_nan_loss_stops_and_leaves_outputs_untouched(run_a, tiny_base, tiny_teac
     before = file_hashes(out)
     result = launch(tiny_train_args(tiny_base, str(nan_teacher), prompts_file, out, steps=STEPS + 2, use_ema=True,
                                     ema_decay=0.5, checkpointing_steps=1, resume_from_checkpoint="latest",
-                                    report_to="none"))
+                                    max_nonfinite_steps=1, report_to="none"))
     assert result.returncode == 1
     message = [line for line in result.stderr.splitlines() if line.startswith("train_yoso_lora.py: error:")]
     assert len(message) == 1 and "at step 7" in message[0] and "not finite" in message[0]
@@ -276,3 +282,38 @@ def test_published_and_readme_commands_parse_to_the_recipe():
     assert published.train_data == readme.train_data == "train_anno.jsonl"
     assert published.resolution == readme.resolution == 512
     assert readme.validation_prompts and readme.checkpoints_total_limit == 3
+
+
+def test_one_non_finite_step_is_skipped_and_the_run_finishes(tiny_base, tiny_teacher, prompts_file, tmp_path):
+    """A teacher-latent cache whose second batch is inf: that step's updates are skipped, logged and counted;
+    the run goes on to the end with finite weights."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from yoso.latent_cache import shard_file_name
+
+    cache = tmp_path / "cache"
+    result = launch(["--pretrained_teacher_model", tiny_teacher, "--train_data", prompts_file, "--resolution", "64",
+                     "--seed", "0", "--output_dir", cache, "--shard_size", "4", "--train_batch_size", "4"],
+                    script="precompute_teacher_latents.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shard = cache / shard_file_name(0, 1)  # shard size = batch size: shard 1 is exactly the second batch
+    tensors = load_file(shard)
+    tensors["latents"] = torch.full_like(tensors["latents"], float("inf"))
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, shard, metadata=metadata)
+
+    out = tmp_path / "out"
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, out, steps=4, use_ema=True,
+                                    teacher_latent_cache=cache, checkpointing_steps=100, report_to="tensorboard"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "update was skipped" in line]
+    assert len(warnings) == 1 and "step 2:" in warnings[0], warnings
+    for name in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors"):
+        assert all(torch.isfinite(v).all() for v in load_file(out / name).values())
+    stats = load_file(out / "latent_stats.safetensors")
+    assert stats["count"].item() == 3 * 4 and torch.isfinite(stats["mean"]).all()  # the inf batch left out
+    events = EventAccumulator(str(out / "logs" / "yoso-lora"), size_guidance={"scalars": 0}).Reload()
+    assert [e.value for e in events.Scalars("nonfinite_steps")] == [0, 1, 1, 1]

@@ -56,17 +56,20 @@ def prune(output_dir, total_limit):
 
 
 class TrainState:
-    """Counters that a checkpoint must restore: optimizer steps, and micro-steps (= batches consumed)."""
+    """Counters that a checkpoint must restore: optimizer steps, micro-steps (= batches consumed), and the
+    steps whose update a non-finite loss skipped."""
 
     def __init__(self):
         self.global_step = 0
         self.micro_steps = 0
+        self.nonfinite_steps = 0
 
     def state_dict(self):
-        return {"global_step": self.global_step, "micro_steps": self.micro_steps}
+        return {"global_step": self.global_step, "micro_steps": self.micro_steps, "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state):
         self.global_step, self.micro_steps = int(state["global_step"]), int(state["micro_steps"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
 
 
 def register_checkpointing(run, extra):

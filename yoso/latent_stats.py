@@ -37,7 +37,9 @@ class LatentStats:
         self.count = 0
 
     def update(self, latents):
+        """Add a batch ``[N, C, h, w]``; latents with a non-finite element (a skipped step's) are left out."""
         latents = latents.detach().to("cpu", torch.float64)
+        latents = latents[torch.isfinite(latents).flatten(1).all(dim=1)]
         self.sum += latents.sum(dim=0)
         self.sum_sq += latents.pow(2).sum(dim=0)
         self.count += latents.shape[0]

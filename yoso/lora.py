@@ -25,11 +25,18 @@ DEFAULT_TARGET_MODULES = (
 )
 
 
-def make_lora_config(rank=64, alpha=8, target_modules=DEFAULT_TARGET_MODULES):
+LORA_INITS = ("default", "gaussian")
+
+
+def make_lora_config(rank=64, alpha=8, target_modules=DEFAULT_TARGET_MODULES, init="default"):
+    """Both inits start the LoRA as the identity (B = 0); A is Kaiming-uniform ("default": peft's default,
+    as the released script) or normal with std 1/rank ("gaussian": diffusers' LoRA examples)."""
     from peft import LoraConfig
 
-    # "gaussian" init: A random, B zero, so the LoRA starts as the identity (as diffusers' examples do).
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    if init not in LORA_INITS:
+        raise ValueError(f"--init_lora_weights must be one of {LORA_INITS}, got {init!r}")
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True if init == "default" else "gaussian",
+                      target_modules=list(target_modules))
 
 
 def module_matches_target(module_name, target):
@@ -43,10 +50,10 @@ def unmatched_targets(module_names, target_modules):
     return [t for t in target_modules if not any(module_matches_target(n, t) for n in names)]
 
 
-def add_lora(unet, rank=64, alpha=8, target_modules=DEFAULT_TARGET_MODULES):
+def add_lora(unet, rank=64, alpha=8, target_modules=DEFAULT_TARGET_MODULES, init="default"):
     """Freeze ``unet`` and add a trainable LoRA adapter named "default"."""
     unet.requires_grad_(False)
-    unet.add_adapter(make_lora_config(rank, alpha, target_modules))
+    unet.add_adapter(make_lora_config(rank, alpha, target_modules, init))
     return unet
 
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 GAN_REDUCTIONS = ("batch", "sample")
+KL_WEIGHTINGS = ("batch", "sample")
+LOSS_SPACES = ("lpl", "mse")  # through the feature net F (latent perceptual), or plain MSE in latent space
 
 
 @dataclass(kw_only=True)
@@ -18,20 +20,39 @@ class YOSOLossConfig:
     coop_gap: int = 250
     consistency_gap: int = 25
     gan_loss_reduction: str = "batch"
+    kl_weighting: str = "batch"
+    consistency_loss: str = "lpl"
+    kl_loss: str = "mse"
+
+    def __post_init__(self):
+        for name, allowed in (("gan_loss_reduction", GAN_REDUCTIONS), ("kl_weighting", KL_WEIGHTINGS),
+                              ("consistency_loss", LOSS_SPACES), ("kl_loss", LOSS_SPACES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 def _per_sample_mse(a, b):
     return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
 
 
-def consistency_loss(features_pred, features_target, weight):
-    """Latent perceptual consistency: mean_b( w_con(t) * mean((F(pred) - F(y))^2) )."""
-    return (weight * _per_sample_mse(features_pred, features_target)).mean()
+def consistency_loss(pred, target, weight):
+    """Consistency: mean_b( w_con(t) * mean((pred - y)^2) ), on F's features (latent perceptual) or on latents."""
+    return (weight * _per_sample_mse(pred, target)).mean()
 
 
-def data_loss(pred, target_latents, weight):
-    """The MSE to the teacher latents ("KL" in the public code): mean_b( min(SNR(t), gamma) * mean((pred - x0)^2) )."""
-    return (weight * _per_sample_mse(pred, target_latents)).mean()
+def data_loss(pred, target, weight, weighting="batch"):
+    """The MSE to the data latents x0 ("KL" in the public code), weighted by w = min(SNR(t), gamma):
+
+    "batch"   mean_b(w) * mean_all((pred - x0)^2): what the released script computes (its per-sample mean
+              runs over no dimension of a [B] tensor, which PyTorch reads as all of them);
+    "sample"  mean_b( w_b * mean((pred_b - x0_b)^2) ): the per-sample weighting its code was written for.
+    """
+    per_sample = _per_sample_mse(pred, target)
+    if weighting == "batch":
+        return weight.mean() * per_sample.mean()
+    if weighting == "sample":
+        return (weight * per_sample).mean()
+    raise ValueError(f"--kl_weighting must be one of {KL_WEIGHTINGS}, got {weighting!r}")
 
 
 def _softplus_of(logits, sign, reduction):

@@ -82,7 +82,7 @@ def assemble_models(parts, settings, *, device, weight_dtype):
         unet.enable_gradient_checkpointing()  # before D copies the encoder, so D checkpoints too
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     discriminator = Discriminator(unet, settings.resolution, vae_scale)  # from the base weights, before the LoRA
-    add_lora(unet, settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
+    add_lora(unet, settings.lora_rank, settings.lora_alpha, settings.lora_target_modules, settings.init_lora_weights)
 
     # Frozen weights in the compute dtype; the LoRA and D train in fp32.
     unet.to(device, dtype=weight_dtype)

@@ -36,6 +36,7 @@ class RunSettings:
     lora_rank: int = 64
     lora_alpha: float = 8
     lora_target_modules: tuple = DEFAULT_TARGET_MODULES
+    init_lora_weights: str = "default"
     gradient_checkpointing: bool = False
     use_ema: bool = False
     ema_decay: float = 0.999
@@ -47,9 +48,14 @@ class RunSettings:
     coop_gap: int = 250
     consistency_gap: int = 25
     gan_loss_reduction: str = "batch"
+    kl_weighting: str = "batch"
+    consistency_loss: str = "lpl"
+    kl_loss: str = "mse"
     # Noise and the update
     noise_offset: float = 0.0
+    input_perturbation: float = 0.0
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 20
     seed: int = 0
     # Optimizers and the learning-rate schedule
     train_batch_size: int = 16
@@ -58,7 +64,7 @@ class RunSettings:
     discriminator_learning_rate: float | None = None
     scale_lr: bool = False
     lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 500
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -79,7 +85,8 @@ class RunSettings:
     def loss_config(self):
         return YOSOLossConfig(lambda_con=self.lambda_con, lambda_kl=self.lambda_kl, lambda_adv=self.lambda_adv,
                               snr_gamma=self.snr_gamma, coop_gap=self.coop_gap, consistency_gap=self.consistency_gap,
-                              gan_loss_reduction=self.gan_loss_reduction)
+                              gan_loss_reduction=self.gan_loss_reduction, kl_weighting=self.kl_weighting,
+                              consistency_loss=self.consistency_loss, kl_loss=self.kl_loss)
 
     def learning_rates(self, num_processes):
         """(G's, D's) learning rates; ``--scale_lr`` multiplies both by accumulation x batch x processes."""
@@ -109,7 +116,8 @@ class TrainingRun:
 
 def make_optimizers(unet, discriminator, *, lr_g, lr_d, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                     use_8bit_adam=False):
-    """AdamW for the LoRA (or bitsandbytes' AdamW8bit) and AdamW with beta1 = 0 for D, as in the paper."""
+    """AdamW for the LoRA and AdamW with beta1 = 0 for D, as in the paper; ``use_8bit_adam``: bitsandbytes'
+    AdamW8bit for both (as released; D's Adam state, over a copy of the UNet's encoder half, is the largest)."""
     from .lora import lora_named_parameters
 
     if use_8bit_adam:
@@ -120,7 +128,7 @@ def make_optimizers(unet, discriminator, *, lr_g, lr_d, betas=(0.9, 0.999), weig
         adamw = torch.optim.AdamW
     optimizer_g = adamw([p for _, p in lora_named_parameters(unet)], lr=lr_g, betas=betas,
                         weight_decay=weight_decay, eps=eps)
-    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=lr_d, betas=(0.0, betas[1]),
+    optimizer_d = adamw(discriminator.parameters(), lr=lr_d, betas=(0.0, betas[1]),
                                     weight_decay=weight_decay, eps=eps)
     return optimizer_g, optimizer_d
 
@@ -160,7 +168,8 @@ def build_run(settings, accelerator, *, num_training_steps, parts=None, weight_d
         text_encoder=models.text_encoder, latent_source=models.latent_source, schedule=models.schedule,
         optimizer_g=optimizer_g, optimizer_d=optimizer_d, lr_scheduler=lr_scheduler, ema=ema,
         loss_config=settings.loss_config(), latent_shape=models.latent_shape, seed=settings.seed,
-        noise_offset=settings.noise_offset, max_grad_norm=settings.max_grad_norm, timer=timer or no_timer)
+        noise_offset=settings.noise_offset, input_perturbation=settings.input_perturbation,
+        max_grad_norm=settings.max_grad_norm, max_nonfinite_steps=settings.max_nonfinite_steps, timer=timer or no_timer)
     return TrainingRun(settings=settings, accelerator=accelerator, models=models, unet=unet,
                        discriminator=discriminator, unet_module=unet_module,
                        discriminator_module=accelerator.unwrap_model(discriminator), optimizer_g=optimizer_g,

@@ -1,5 +1,5 @@
-"""Validation images during training: 1-step and 2-step LCMScheduler samples of the validation prompts,
-from the live LoRA and from its EMA, saved as one PNG grid and logged to the trackers.
+"""Validation images during training: 1-step (guidance 1.0) and 2-step (guidance 1.5) LCMScheduler samples
+of the validation prompts, from the live LoRA and from its EMA, saved as one PNG grid and logged to the trackers.
 
 It never casts the trainable weights (the pipeline is assembled from the training modules as they are)
 and draws its noise from its own seeded generator, so it does not perturb the training run.
@@ -13,6 +13,8 @@ import torch
 from .atomic import atomic_path
 
 VALIDATION_STEPS = (1, 2)
+# The published usage: 2 steps with guidance 1.5; one step without guidance.
+VALIDATION_GUIDANCE = {1: 1.0, 2: 1.5}
 
 
 @torch.no_grad()
@@ -36,7 +38,7 @@ def generate_validation_images(unet, vae, text_encoder, tokenizer, scheduler_con
             for steps in VALIDATION_STEPS:
                 generator = torch.Generator(device=device).manual_seed(seed)
                 with autocast():
-                    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=1.0, generator=generator,
+                    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=VALIDATION_GUIDANCE[steps], generator=generator,
                                       height=resolution, width=resolution).images
                 columns.append(f"{label} {steps}-step")
                 by_column.append(images)
@@ -57,7 +59,8 @@ def save_and_log_validation(accelerator, columns, images, prompts, step, output_
     with atomic_path(path) as tmp:
         grid.save(tmp)
     (folder / "README.txt").write_text(
-        "Each grid: one row per validation prompt; columns, left to right: " + ", ".join(columns) + ".\n"
+        "Each grid: one row per validation prompt; columns, left to right: " + ", ".join(columns) + " "
+        + "(guidance " + ", ".join(f"{steps}-step {g}" for steps, g in VALIDATION_GUIDANCE.items()) + ").\n"
         + "Prompts:\n" + "\n".join(f"  {i + 1}. {p}" for i, p in enumerate(prompts)) + "\n"
     )
     for tracker in accelerator.trackers:
