@@ -20,6 +20,7 @@ import torch
 from yoso.checks import ArgumentError, preflight
 from yoso.checkpoint import latest_checkpoint
 from yoso.data import PromptFileError
+from yoso.image_data import ImageDataError
 from yoso.latent_cache import LatentCacheError, check_cache_for_run
 from yoso.lora import DEFAULT_TARGET_MODULES, LORA_INITS
 from yoso.losses import GAN_REDUCTIONS, KL_WEIGHTINGS, LOSS_SPACES
@@ -44,7 +45,21 @@ def parse_args(argv=None):
     # Data
     p.add_argument("--train_data", default="train_anno.jsonl",
                    help="Prompt file: .jsonl (text in --caption_column) or .txt (one prompt a line); see prepare_journeydb.py.")
-    p.add_argument("--caption_column", default="prompt", help="JSON field that holds the prompt in a .jsonl --train_data.")
+    p.add_argument("--caption_column", default=None,
+                   help="Field with the text: in a .jsonl --train_data (default 'prompt'), in an image dataset (default "
+                        "'text'), in tar shards (a member extension or .json field, default 'txt').")
+    p.add_argument("--dataset_name", default=None,
+                   help="Train on images with captions instead of the teacher: a hub dataset or a local folder read by "
+                        "`datasets` (the base VAE encodes the images).")
+    p.add_argument("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
+    p.add_argument("--train_data_dir", default=None,
+                   help="Train on images with captions: a folder of images with a metadata.jsonl (datasets' imagefolder; "
+                        "prepare_journeydb.py --image_root writes one), or of webdataset .tar shards (streamed).")
+    p.add_argument("--image_column", default="image", help="Image column of the dataset (tar shards: 'image' = the first image member).")
+    p.add_argument("--center_crop", action="store_true", help="Crop images at the centre (default: a random crop).")
+    p.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    p.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it first.")
+    p.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Samples in the shuffle buffer of a streamed dataset.")
     p.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N prompts.")
     p.add_argument("--resolution", type=int, default=512, help="Image side in pixels (SD1.5: a multiple of 64).")
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes that tokenize prompts.")
@@ -132,7 +147,7 @@ def main(argv=None):
         prompts = preflight(args)
         if args.teacher_latent_cache:
             check_cache_for_run(args, prompts)
-    except (ArgumentError, PromptFileError, LatentCacheError) as error:
+    except (ArgumentError, PromptFileError, LatentCacheError, ImageDataError) as error:
         sys.exit(f"train_yoso_lora.py: error: {error}")
 
     import diffusers
@@ -192,30 +207,31 @@ def train(args, prompts, accelerator, output_dir):
     from tqdm.auto import tqdm
 
     from yoso.checkpoint import TrainState, latest_checkpoint, register_checkpointing, save_checkpoint
-    from yoso.data import ShardedPromptSampler, prompt_batches
     from yoso.latent_stats import LatentStats
     from yoso.outputs import push_to_hub, save_final_outputs
     from yoso.run import RunSettings, build_run
     from yoso.step import step_generator
     from yoso.tracking import LossAverager
+    from yoso.training_data import open_training_data
     from yoso.validation import generate_validation_images, save_and_log_validation
 
     # ---- build --------------------------------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
-    sampler = ShardedPromptSampler(len(prompts), args.train_batch_size, world, rank, args.seed)
-    steps_per_epoch = math.ceil(sampler.batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    data = open_training_data(args, prompts, accelerator)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
+        data.batches_per_epoch / args.gradient_accumulation_steps)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    run = build_run(RunSettings.from_args(args), accelerator, num_training_steps=max_train_steps)
+    teacher = None if data.kind == "images" else args.pretrained_teacher_model
+    run = build_run(RunSettings.from_args(args, pretrained_teacher_model=teacher), accelerator,
+                    num_training_steps=max_train_steps)
     models, trainer = run.models, run.trainer
-    latent_cache = None
     if args.teacher_latent_cache:
         from yoso.latent_cache import open_cache_for_run
 
-        latent_cache = open_cache_for_run(args.teacher_latent_cache, accelerator, models.weight_dtype, logger,
-                                          max_train_steps * args.gradient_accumulation_steps, sampler.batches_per_epoch,
-                                          args.train_batch_size)
+        data.latent_cache = open_cache_for_run(args.teacher_latent_cache, accelerator, models.weight_dtype, logger,
+                                               max_train_steps * args.gradient_accumulation_steps,
+                                               data.batches_per_epoch, args.train_batch_size)
     state = TrainState()
     latent_stats = LatentStats(models.latent_shape)
     register_checkpointing(run, [state, latent_stats, run.ema])
@@ -230,11 +246,10 @@ def train(args, prompts, accelerator, output_dir):
             accelerator.load_state(str(path))
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
-    batches = prompt_batches(prompts, models.tokenizer, sampler, start_batch=state.micro_steps,
-                             num_workers=args.dataloader_num_workers)
+    batches = data.batches(models, start_batch=state.micro_steps)
 
     total_batch = args.train_batch_size * world * args.gradient_accumulation_steps
-    logger.info(f"***** YOSO-LoRA training: {len(prompts)} prompts, {max_train_steps} steps of {total_batch} prompts "
+    logger.info(f"***** YOSO-LoRA training: {data.describe()}, {max_train_steps} steps of {total_batch} samples "
                 f"({args.train_batch_size} x {world} processes x {args.gradient_accumulation_steps} accumulation) *****")
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -246,8 +261,6 @@ def train(args, prompts, accelerator, output_dir):
     try:
         while state.global_step < max_train_steps:
             batch = next(batches)
-            if latent_cache is not None:
-                batch["latents"] = latent_cache.latents(batch["epoch"], batch["indices"])
             with accelerator.accumulate(run.unet, run.discriminator):
                 try:
                     logs = trainer.step(batch, step_generator(args.seed, state.micro_steps, rank))
@@ -288,6 +301,9 @@ def train(args, prompts, accelerator, output_dir):
 
     # ---- save ---------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    if data.kind == "images":
+        skipped = int(accelerator.reduce(torch.tensor([data.skipped], device=accelerator.device), "sum").item())
+        logger.info(f"unreadable images skipped (replaced by the next readable one): {skipped}")
     if accelerator.is_main_process:
         save_final_outputs(run, output_dir, latent_stats, logger)
         if args.push_to_hub:

@@ -101,8 +101,11 @@ def check_output_dir(path):
 
 
 def preflight(args):
-    """Run every check; return the prompts read from ``--train_data`` (so they are read once)."""
+    """Run every check; return the prompts read from ``--train_data`` (so they are read once), or None when
+    the run trains on images (``--dataset_name`` / ``--train_data_dir``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .image_data import check_image_data, resolve_caption_column, uses_image_data
 
     check_optional_packages(args)
     check_output_dir(args.output_dir)
@@ -114,16 +117,25 @@ def preflight(args):
         if not Path(args.resume_from_checkpoint).is_dir():
             raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
                                 "(use 'latest' or a checkpoint-<step> folder)")
-    prompts = read_prompts(args.train_data, args.caption_column, args.max_train_samples)
+    images = uses_image_data(args)
+    if images:
+        if args.teacher_latent_cache:
+            raise ArgumentError("--teacher_latent_cache with image data (--dataset_name / --train_data_dir): the images "
+                                "replace the teacher; drop one of them")
+        check_image_data(args)
+        prompts = None
+    else:
+        prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples)
 
     base, teacher = args.pretrained_model_name_or_path, args.pretrained_teacher_model
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     base_unet = load_model_config("--pretrained_model_name_or_path", base, "unet", UNet2DConditionModel, **common)
     base_vae = load_model_config("--pretrained_model_name_or_path", base, "vae", AutoencoderKL, **common)
-    teacher_unet = load_model_config("--pretrained_teacher_model", teacher, "unet", UNet2DConditionModel, cache_dir=args.cache_dir)
-    teacher_vae = load_model_config("--pretrained_teacher_model", teacher, "vae", AutoencoderKL, cache_dir=args.cache_dir)
     check_resolution(args.resolution, base_vae, base_unet)
-    check_resolution(args.resolution, teacher_vae, teacher_unet, which="the teacher")
-    check_teacher_latents(base_vae, base_unet, teacher_vae, teacher_unet)
+    if not images:  # the teacher makes x0 from prompts; with images the base VAE does
+        teacher_unet = load_model_config("--pretrained_teacher_model", teacher, "unet", UNet2DConditionModel, cache_dir=args.cache_dir)
+        teacher_vae = load_model_config("--pretrained_teacher_model", teacher, "vae", AutoencoderKL, cache_dir=args.cache_dir)
+        check_resolution(args.resolution, teacher_vae, teacher_unet, which="the teacher")
+        check_teacher_latents(base_vae, base_unet, teacher_vae, teacher_unet)
     check_lora_targets(base_unet, args.lora_target_modules)
     return prompts

@@ -83,6 +83,7 @@ class ImageBatch(NamedTuple):
     ids: list
     captions: list
     pixel_values: torch.Tensor
+    skipped: int = 0  # slots of this batch whose sample was unreadable (each took a replacement)
 
 
 class Sample(NamedTuple):
@@ -273,7 +274,8 @@ class ImageBatchSource:
         else:
             samples = [self._decode_or_none(raw, epoch) for raw in raws]
         # Replacements in slot order, after the first attempts: the same choices with or without threads.
-        return [s if s is not None else self._replacement(positions, p, epoch) for s, p in zip(samples, slots)]
+        return [s if s is not None else self._replacement(positions, p, epoch) for s, p in zip(samples, slots)], \
+            sum(s is None for s in samples)
 
     # -- batches ------------------------------------------------------------------------------------
     def batches(self, start_batch=0):
@@ -288,9 +290,9 @@ class ImageBatchSource:
                 positions.release(start)
                 if positions.get(start + self.global_batch_size - 1) is None:
                     break
-                samples = self._load_slots(positions, range(start + first, start + first + size), epoch)
+                samples, skipped = self._load_slots(positions, range(start + first, start + first + size), epoch)
                 yield ImageBatch(epoch, batch_index, [s.id for s in samples], [s.caption for s in samples],
-                                 torch.stack([s.pixel_values for s in samples]))
+                                 torch.stack([s.pixel_values for s in samples]), skipped)
                 batch_index += 1
             self._epoch_ended(positions, batch_index)
             epoch, offset = epoch + 1, 0

@@ -1,0 +1,66 @@
+"""Where a run's batches come from: prompts (the teacher, or a teacher-latent cache, makes x0 from them)
+or images with captions (the base VAE encodes x0). Both give the step the same batch dict
+``{"prompts", "input_ids", "indices", "epoch"[, "latents"]}``, sharded per rank and resumable by the
+number of batches consumed."""
+
+from .data import ShardedPromptSampler, prompt_batches, tokenize_prompts
+
+
+class PromptData:
+    """Prompts from ``--train_data``; x0 from the teacher, or from ``latent_cache`` when given."""
+
+    kind = "prompts"
+
+    def __init__(self, prompts, batch_size, world_size, rank, seed, num_workers=0):
+        self.prompts = prompts
+        self.sampler = ShardedPromptSampler(len(prompts), batch_size, world_size, rank, seed)
+        self.batches_per_epoch = self.sampler.batches_per_epoch
+        self.num_workers = num_workers
+        self.latent_cache = None
+
+    def describe(self):
+        return f"{len(self.prompts)} prompts"
+
+    def batches(self, models, start_batch=0):
+        for batch in prompt_batches(self.prompts, models.tokenizer, self.sampler, start_batch, self.num_workers):
+            if self.latent_cache is not None:
+                batch["latents"] = self.latent_cache.latents(batch["epoch"], batch["indices"])
+            yield batch
+
+
+class ImageData:
+    """Images with captions (``--dataset_name`` / ``--train_data_dir``); x0 = the base VAE's latents of the
+    image (a posterior sample whose noise comes from (seed, epoch, sample id), so resuming is exact)."""
+
+    kind = "images"
+
+    def __init__(self, source, seed):
+        self.source = source
+        self.seed = seed
+        self.skipped = 0  # unreadable samples replaced in the batches handed out (the source reads ahead)
+        self.batches_per_epoch = source.batches_per_epoch  # None for streams: --max_train_steps is required
+
+    def describe(self):
+        return f"images ({type(self.source).__name__})"
+
+    def batches(self, models, start_batch=0):
+        from .image_data import prefetch
+        from .image_processing import encode_images, latent_generators
+
+        for batch in prefetch(self.source.batches(start_batch)):
+            self.skipped += batch.skipped
+            latents = encode_images(models.vae, batch.pixel_values, latent_generators(self.seed, batch.epoch, batch.ids))
+            yield {"prompts": list(batch.captions), "input_ids": tokenize_prompts(models.tokenizer, list(batch.captions)),
+                   "indices": list(batch.ids), "epoch": batch.epoch, "latents": latents}
+
+
+def open_training_data(args, prompts, accelerator):
+    """The run's data for this rank: image data when ``--dataset_name`` / ``--train_data_dir`` is given."""
+    from .image_data import open_image_source, uses_image_data
+
+    if uses_image_data(args):
+        with accelerator.main_process_first():  # datasets prepares its cache once
+            source = open_image_source(args, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        return ImageData(source, args.seed)
+    return PromptData(prompts, args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed,
+                      args.dataloader_num_workers)
