@@ -8,6 +8,7 @@ One concept per module:
 - ``losses``        consistency, data ("KL") and GAN losses
 - ``ema``           in-place fp32 EMA of the LoRA
 - ``lora``          LoRA config, targets, save/load in diffusers format
+- ``kohya``         the LoRA in kohya format (AUTOMATIC1111, ComfyUI), with the trained alpha
 - ``data``          prompt files and the resumable, rank-sharded prompt sampler
 - ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents
 - ``latent_stats``  mean/std of the training latents for one-step IPI sampling: accumulated, saved, loaded
@@ -20,6 +21,8 @@ One concept per module:
 - ``checks``        command-line validation that fails in one line before any model loads
 - ``journeydb``     JourneyDB annotations -> clean prompt file (``prepare_journeydb.py``)
 - ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)
+- ``model_card``    ``--output_dir/README.md`` in the Hub's model-card format
+- ``hub``           which output files go to the Hub, under which names; the upload
 - ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
 """
 
