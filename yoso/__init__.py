@@ -8,6 +8,7 @@ One concept per module:
 - ``losses``        consistency, data ("KL") and GAN losses
 - ``ema``           in-place fp32 EMA of the LoRA
 - ``lora``          LoRA config, targets, save/load in diffusers format
+- ``kohya``         the LoRA in kohya format (AUTOMATIC1111, ComfyUI), with the trained alpha
 - ``data``          prompt files and the resumable, rank-sharded prompt sampler
 - ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents
 - ``image_data``    real image-caption data instead of the teacher: routes, preflight, resumable rank-sharded batches
@@ -24,6 +25,8 @@ One concept per module:
 - ``journeydb``     JourneyDB annotations -> clean prompt file, imagefolder metadata (a package: ``prepare_journeydb.py``)
 - ``clip_bpe``      SD1.5's CLIP BPE tokenizer rebuilt offline from open_clip's merge list
 - ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)
+- ``model_card``    ``--output_dir/README.md`` in the Hub's model-card format
+- ``hub``           which output files go to the Hub, under which names; the upload
 - ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
 """
 
