@@ -132,6 +132,9 @@ def parse_args(argv=None):
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
     p.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
     p.add_argument("--tracker_project_name", default="yoso-lora")
+    p.add_argument("--save_kohya", action="store_true",
+                   help="Also write pytorch_lora_weights_kohya.safetensors beside each final LoRA (AUTOMATIC1111, ComfyUI); "
+                        "convert_lora_to_kohya.py makes it later from any output or checkpoint folder.")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
@@ -208,7 +211,8 @@ def train(args, prompts, accelerator, output_dir):
 
     from yoso.checkpoint import TrainState, latest_checkpoint, register_checkpointing, save_checkpoint
     from yoso.latent_stats import LatentStats
-    from yoso.outputs import push_to_hub, save_final_outputs
+    from yoso.hub import create_hub_repo, default_repo_name, push_to_hub
+    from yoso.outputs import save_final_outputs
     from yoso.run import RunSettings, build_run
     from yoso.step import step_generator
     from yoso.tracking import LossAverager
@@ -217,6 +221,8 @@ def train(args, prompts, accelerator, output_dir):
 
     # ---- build --------------------------------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
+    if args.push_to_hub and accelerator.is_main_process:  # a missing Hub login shows now, not after training
+        args.hub_model_id = create_hub_repo(args.hub_model_id or default_repo_name(output_dir), token=args.hub_token)
     data = open_training_data(args, prompts, accelerator)
     max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
         data.batches_per_epoch / args.gradient_accumulation_steps)
@@ -305,9 +311,11 @@ def train(args, prompts, accelerator, output_dir):
         skipped = int(accelerator.reduce(torch.tensor([data.skipped], device=accelerator.device), "sum").item())
         logger.info(f"unreadable images skipped (replaced by the next readable one): {skipped}")
     if accelerator.is_main_process:
-        save_final_outputs(run, output_dir, latent_stats, logger)
+        save_final_outputs(run, output_dir, latent_stats, args, logger)
         if args.push_to_hub:
-            push_to_hub(output_dir, args.hub_model_id, args.hub_token)
+            url = push_to_hub(output_dir, args.hub_model_id or default_repo_name(output_dir), token=args.hub_token,
+                              args_dict=vars(args), num_processes=world)
+            logger.info(f"uploaded to {url}")
     return run
 
 

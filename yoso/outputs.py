@@ -1,34 +1,31 @@
 """What a finished run leaves in ``--output_dir`` (SPEC section 6): the LoRA (the EMA one with ``--use_ema``,
-the raw one then in ``non_ema/``), the latent statistics, and optionally a Hub upload."""
+the raw one then in ``non_ema/``), optionally its kohya-format copies, the latent statistics and the model
+card; optionally uploaded to the Hub (``yoso.hub``)."""
 
 from pathlib import Path
 
+from .kohya import save_kohya_lora
 from .latent_stats import LATENT_STATS_NAME
 from .lora import LORA_WEIGHT_NAME, save_lora
+from .model_card import write_model_card
 
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "*.incomplete", "logs/*"]
 
-
-def save_final_outputs(run, output_dir, latent_stats, logger):
-    """Write the final LoRA(s) and latent statistics (main process only); returns the written paths."""
+def save_final_outputs(run, output_dir, latent_stats, args, logger):
+    """Write the final LoRA(s), latent statistics and model card (main process only); returns the paths."""
     output_dir = Path(output_dir)
+    folders = [output_dir]
     written = []
     if run.ema is not None:
         written.append(save_lora(run.unet_module, output_dir, tensors=run.ema.named_tensors()))
         written.append(save_lora(run.unet_module, output_dir / "non_ema"))
+        folders.append(output_dir / "non_ema")
     else:
         written.append(save_lora(run.unet_module, output_dir))
+    if args.save_kohya:
+        written += [save_kohya_lora(folder) for folder in folders]
     written.append(latent_stats.save(output_dir / LATENT_STATS_NAME))
+    written.append(write_model_card(output_dir, vars(args), num_processes=run.accelerator.num_processes))
     logger.info(f"LoRA written to {output_dir / LORA_WEIGHT_NAME}"
-                + (" (EMA; raw LoRA in non_ema/)" if run.ema is not None else ""))
+                + (" (EMA; raw LoRA in non_ema/)" if run.ema is not None else "")
+                + (", with kohya-format copies" if args.save_kohya else ""))
     return written
-
-
-def push_to_hub(output_dir, hub_model_id=None, hub_token=None):
-    from huggingface_hub import create_repo, upload_folder
-
-    output_dir = Path(output_dir)
-    repo_id = create_repo(hub_model_id or output_dir.name, exist_ok=True, token=hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=hub_token, ignore_patterns=HUB_IGNORE_PATTERNS,
-                  commit_message="YOSO-LoRA")
-    return repo_id
