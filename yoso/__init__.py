@@ -10,6 +10,7 @@ One concept per module:
 - ``lora``          LoRA config, targets, save/load in diffusers format
 - ``data``          prompt files and the resumable, rank-sharded prompt sampler
 - ``teacher``       teacher pipeline (SD-Turbo) that turns prompts into training latents
+- ``latent_space``  teacher vs base latent spaces: config-only check, VAE decode/encode transcoding (SDXL-Turbo)
 - ``latent_stats``  mean/std of the training latents for one-step IPI sampling: accumulated, saved, loaded
 - ``latent_cache``  precomputed teacher latents (train without loading the teacher)
 - ``models``        loading and placing every model of a run (shared by script, tests, benchmarks)
@@ -20,7 +21,7 @@ One concept per module:
 - ``checks``        command-line validation that fails in one line before any model loads
 - ``journeydb``     JourneyDB annotations -> clean prompt file (``prepare_journeydb.py``)
 - ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)
-- ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
+- ``testing``       tiny SD1.5-/SD-Turbo-/SDXL-Turbo-shaped pipelines built offline for tests and the demo
 """
 
 __version__ = "0.1.0"
