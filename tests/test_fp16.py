@@ -197,7 +197,8 @@ def test_fp16_training_from_the_teacher_cache_equals_on_the_fly(tiny_base, tiny_
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=16)
     cache = tmp_path / "cache"
-    result = launch([REPO / "precompute_teacher_latents.py", "--pretrained_teacher_model", tiny_teacher,
+    result = launch([REPO / "precompute_teacher_latents.py", "--pretrained_model_name_or_path", tiny_base,
+                     "--pretrained_teacher_model", tiny_teacher,
                      "--train_data", prompts, "--resolution", "64", "--seed", "0", "--output_dir", cache,
                      "--train_batch_size", "4", "--mixed_precision", "fp16"],
                     script="tests/fp16_on_cpu.py", env=FP16_ENV)

@@ -193,8 +193,9 @@ def prompts_file(tmp_path_factory):
     return write_prompts(tmp_path_factory.mktemp("cache_data") / "prompts.jsonl", n=24)
 
 
-def precompute_args(teacher, prompts_file, output_dir, **extra):
-    args = ["--pretrained_teacher_model", teacher, "--train_data", prompts_file, "--resolution", "64",
+def precompute_args(base, teacher, prompts_file, output_dir, **extra):
+    args = ["--pretrained_model_name_or_path", base, "--pretrained_teacher_model", teacher, "--train_data", prompts_file,
+            "--resolution", "64",
             "--seed", "0", "--output_dir", output_dir, "--num_epochs", "2", "--shard_size", "10", "--train_batch_size", "4"]
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
@@ -202,9 +203,9 @@ def precompute_args(teacher, prompts_file, output_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tiny_teacher, prompts_file, tmp_path_factory):
+def cache_dir(tiny_base, tiny_teacher, prompts_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli_cache") / "cache"
-    result = launch(precompute_args(tiny_teacher, prompts_file, folder), script="precompute_teacher_latents.py")
+    result = launch(precompute_args(tiny_base, tiny_teacher, prompts_file, folder), script="precompute_teacher_latents.py")
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
 
@@ -230,6 +231,8 @@ def test_cache_cli_writes_info_and_shards(cache_dir, tiny_teacher, prompts_file)
     assert info["batch_size"] == 4
     assert info["dtype"] == "float32" and info["noise_dtype"] == "float32" and info["mixed_precision"] == "no"
     assert info["teacher_num_inference_steps"] == 1 and info["teacher_guidance_scale"] == 0.0
+    # SD-Turbo-shaped teacher, equal VAE configs: the teacher's own latents, no VAE in the route.
+    assert info["latent_transcode"] is False and info["teacher_vae"] is None and info["base_vae"] is None
     assert len(list(cache_dir.glob("latents-*.safetensors"))) == 6
     assert LatentCacheReader(cache_dir).prompts(1, [23, 0]) == [prompts[23], prompts[0]]
 
@@ -270,7 +273,7 @@ def test_training_from_cache_equals_on_the_fly_and_resumes_exactly(cache_dir, on
 def test_two_processes_read_their_own_latents(cache_dir, tiny_base, tiny_teacher, prompts_file, tmp_path):
     """2 ranks: precompute split across them writes the same cache; training from it equals on-the-fly."""
     split = tmp_path / "split_cache"
-    result = launch(precompute_args(tiny_teacher, prompts_file, split), num_processes=2,
+    result = launch(precompute_args(tiny_base, tiny_teacher, prompts_file, split), num_processes=2,
                     script="precompute_teacher_latents.py")
     assert result.returncode == 0, result.stderr[-3000:]
     for path in cache_dir.glob("latents-*.safetensors"):
@@ -315,3 +318,100 @@ def test_train_script_refuses_a_foreign_cache_in_one_line(cache_dir, tiny_base, 
                                        teacher_latent_cache=tmp_path / "nowhere"))
     assert "\n" not in message and "no such folder" in message
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---- a teacher in another latent space (SDXL-Turbo-shaped): the cache holds base-space latents ----------------
+
+@pytest.fixture(scope="module")
+def sdxl_cache(tiny_base, tmp_path_factory):
+    """precompute_teacher_latents.py (in-process) with the tiny SDXL-Turbo teacher: 7 prompts, batches of 3."""
+    import precompute_teacher_latents
+    from harness import fresh_accelerator
+    from yoso.testing import build_tiny_sdxl_turbo
+
+    root = tmp_path_factory.mktemp("sdxl_cache")
+    teacher = build_tiny_sdxl_turbo(root / "sdxl_turbo")
+    prompts_path = write_prompts(root / "prompts.jsonl", n=7)
+    fresh_accelerator()  # accelerate's state is a process singleton; start from a clean one
+    precompute_teacher_latents.main([str(a) for a in [
+        "--pretrained_model_name_or_path", tiny_base, "--pretrained_teacher_model", teacher, "--train_data", prompts_path,
+        "--resolution", 64, "--seed", 5, "--output_dir", root / "cache", "--shard_size", 3, "--train_batch_size", 3]])
+    return root / "cache", teacher, prompts_path
+
+
+def test_sdxl_teacher_cache_holds_transcoded_latents_equal_to_on_the_fly(sdxl_cache, tiny_base):
+    from yoso.data import ShardedPromptSampler, read_prompts
+    from yoso.latent_cache import LatentCacheReader
+    from yoso.teacher import load_teacher_latents, teacher_noise, teacher_noise_seeds
+
+    cache, teacher, prompts_path = sdxl_cache
+    prompts = read_prompts(prompts_path)
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["latent_transcode"] is True and info["latent_shape"] == [4, 8, 8]
+    assert info["teacher_vae"] == f"{os.path.realpath(teacher)}/vae"
+    assert info["base_vae"] == f"{os.path.realpath(tiny_base)}/vae"
+
+    reader = LatentCacheReader(cache)
+    source = load_teacher_latents(teacher, tiny_base, torch.float32, "cpu", transcode=True)  # what training runs
+    sampler = ShardedPromptSampler(7, 3, 1, 0, seed=5)
+    batches = _take(sampler.batches(), 2)  # the training run's batches of the cached epoch
+    assert [epoch for epoch, _, _ in batches] == [0, 0]
+    for epoch, _, indices in batches:
+        noise = teacher_noise(teacher_noise_seeds(5, epoch, indices), source.noise_shape(64), "cpu", torch.float32)
+        batch_prompts = [prompts[i] for i in indices]
+        cached = reader.latents(epoch, indices)
+        assert torch.equal(cached, source(batch_prompts, noise)), indices
+        # ... and they are not the teacher's raw (SDXL-space) latents.
+        raw = source.teacher_space_latents(batch_prompts, noise)
+        assert (cached - raw).abs().max() > 0.1 * raw.abs().max()
+
+
+def test_a_run_on_another_latent_route_is_refused_in_one_line(sdxl_cache, small_cache, tiny_base, tiny_teacher):
+    import argparse
+
+    from yoso.data import read_prompts
+    from yoso.latent_cache import LatentCacheError, check_cache, check_cache_for_run, make_cache_settings
+
+    cache, teacher, prompts_path = sdxl_cache
+    prompts = read_prompts(prompts_path)
+
+    def run(**changes):
+        values = dict(pretrained_model_name_or_path=tiny_base, pretrained_teacher_model=teacher, teacher_vae=None,
+                      teacher_latent_transcode="auto", resolution=64, teacher_num_inference_steps=1,
+                      teacher_guidance_scale=0.0, seed=5, cache_dir=None, revision=None, teacher_latent_cache=cache)
+        return check_cache_for_run(argparse.Namespace(**{**values, **changes}), prompts)
+
+    assert run()["latent_transcode"] is True  # the same route: accepted
+    made = f"--teacher_latent_cache {cache} holds latents decoded by {os.path.realpath(teacher)}/vae and re-encoded by "
+    cases = {
+        "raw": (dict(teacher_latent_transcode="never"),
+                made + f"{os.path.realpath(tiny_base)}/vae, this run asks for the teacher's own latents (no transcoding)"),
+        "teacher VAE": (dict(teacher_vae=tiny_teacher, teacher_latent_transcode="always"),
+                        f"this run asks for latents decoded by {os.path.realpath(tiny_teacher)} and re-encoded by"),
+        "base": (dict(pretrained_model_name_or_path=tiny_teacher),  # another base (SD-Turbo-shaped, also 4 x 1/8)
+                 f"re-encoded by {os.path.realpath(tiny_teacher)}/vae (see --teacher_latent_transcode"),
+    }
+    for name, (changes, expected) in cases.items():
+        with pytest.raises(LatentCacheError) as error:
+            run(**changes)
+        message = str(error.value)
+        assert "\n" not in message and expected in message and message.endswith(
+            "rebuild it with precompute_teacher_latents.py"), (name, message)
+
+    # A raw-latent cache (SD-Turbo-shaped teacher) for a run that transcodes: refused the other way round.
+    folder, small_prompts = small_cache
+    transcoding = make_cache_settings(tiny_teacher, 64, (4, 8, 8), 1, 0.0, 3, small_prompts, transcode=True, base=tiny_base)
+    with pytest.raises(LatentCacheError, match=r"holds the teacher's own latents \(no transcoding\), this run asks "
+                                               r"for latents decoded by .*/vae and re-encoded by .*/vae"):
+        check_cache(folder, transcoding)
+    # Caches written before the route was recorded hold the teacher's own latents: still read as such.
+    old = json.loads((folder / "cache_info.json").read_text())
+    for key in ("latent_transcode", "teacher_vae", "base_vae"):
+        del old[key]
+    legacy = folder.parent / "legacy_cache"
+    shutil.copytree(folder, legacy)
+    (legacy / "cache_info.json").write_text(json.dumps(old))
+    raw_settings = make_cache_settings(tiny_teacher, 64, (4, 8, 8), 1, 0.0, 3, small_prompts)
+    assert check_cache(legacy, raw_settings)["num_prompts"] == 13
+    with pytest.raises(LatentCacheError, match="holds the teacher's own latents"):
+        check_cache(legacy, transcoding)

@@ -14,6 +14,8 @@ One concept per module:
 - ``image_data``    real image-caption data instead of the teacher: routes, preflight, resumable rank-sharded batches
 - ``image_processing`` one image sample: decode, resize/crop/flip, VAE latents, randomness per (seed, epoch, id)
 - ``tar_shards``    webdataset-style tar shards read lazily (headers scanned, a rank reads its own samples)
+- ``training_data`` a run's batches: prompts (teacher or cache) or images (base VAE), one batch format
+- ``latent_space``  teacher vs base latent spaces: config-only check, VAE decode/encode transcoding (SDXL-Turbo)
 - ``latent_stats``  mean/std of the training latents for one-step IPI sampling: accumulated, saved, loaded
 - ``latent_cache``  precomputed teacher latents (train without loading the teacher)
 - ``models``        loading and placing every model of a run (shared by script, tests, benchmarks)
@@ -27,7 +29,10 @@ One concept per module:
 - ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)
 - ``model_card``    ``--output_dir/README.md`` in the Hub's model-card format
 - ``hub``           which output files go to the Hub, under which names; the upload
-- ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
+- ``run``           one builder for a training run: settings (named like the flags) -> models, optimizers, step
+- ``outputs``       the final save: LoRA(s), kohya copies, latent statistics, model card
+- ``tracking``      scalars averaged over accumulation and processes for the trackers
+- ``testing``       tiny SD1.5-/SD-Turbo-/SDXL-Turbo-shaped pipelines built offline for tests and the demo
 """
 
 __version__ = "0.1.0"

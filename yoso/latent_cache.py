@@ -2,26 +2,29 @@
 
 Layout of a cache folder (written by ``precompute_teacher_latents.py``)::
 
-    cache_info.json                         teacher, resolution, latent shape, steps, guidance, seed,
-                                            prompt count and hash, epochs, shard size, batch size, dtypes
+    cache_info.json                         teacher, latent route, resolution, latent shape, steps, guidance,
+                                            seed, prompt count and hash, epochs, shard size, batch size, dtypes
     latents-e0000-s000000.safetensors       epoch 0, positions [0, shard_size) of the epoch's prompt order
     latents-e0000-s000001.safetensors       epoch 0, positions [shard_size, 2 * shard_size)
     ...
 
 An epoch's prompt order is the training sampler's permutation (``ShardedPromptSampler.epoch_order``, a
 function of the seed and the epoch only). Each shard holds, for its positions: ``latents`` [n, C, h, w]
-(the teacher's output dtype, unchanged), ``indices`` (the prompt indices there) and ``noise_seeds``
-(int64 [n]), and the prompt texts as UTF-8 bytes (``prompt_bytes`` uint8, ``prompt_offsets`` int64
-[n + 1]); its header metadata repeats the settings.
+(in the base model's latent space, in the teacher's output dtype), ``indices`` (the prompt indices there)
+and ``noise_seeds`` (int64 [n]), and the prompt texts as UTF-8 bytes (``prompt_bytes`` uint8,
+``prompt_offsets`` int64 [n + 1]); its header metadata repeats the settings.
 
 The latent of (epoch e, prompt i) is the teacher's output from the noise seeded by
 ``teacher_noise_seeds(seed, e, [i])``: what on-the-fly training with the same ``--seed`` generates for
-that prompt in that epoch. The teacher is called on consecutive runs of ``batch_size`` positions, which
-are exactly the per-process batches of a training run with ``--train_batch_size batch_size`` (with any
-number of processes), so with the same batch size the cached latents are bit-identical to on-the-fly
-ones; with another, they differ only by kernel rounding. Training reads a batch by prompt index through
-the inverse permutation (one mmap'd ``safe_open`` handle per shard, a bounded number open at once), so
-memory does not grow with the cache size.
+that prompt in that epoch. The *route* those latents took is part of the settings: the teacher's own
+latents, or latents transcoded into the base's space (``latent_transcode``, with the VAE that decoded
+them, ``teacher_vae``, and the one that re-encoded them, ``base_vae``); a run whose route differs is
+refused, so latents of two latent spaces never mix. The teacher is called on consecutive runs of
+``batch_size`` positions, which are exactly the per-process batches of a training run with
+``--train_batch_size batch_size`` (with any number of processes), so with the same batch size the cached
+latents are bit-identical to on-the-fly ones; with another, they differ only by kernel rounding. Training
+reads a batch by prompt index through the inverse permutation (one mmap'd ``safe_open`` handle per shard,
+a bounded number open at once), so memory does not grow with the cache size.
 
 Epochs beyond the cached ones reuse the cached latents cyclically: epoch e reads epoch e mod E.
 The prompt order still changes every epoch (the sampler permutes by epoch); only the teacher noise
@@ -96,10 +99,34 @@ def num_shards(num_prompts, shard_size):
     return -(-num_prompts // shard_size)
 
 
-def make_cache_settings(teacher, resolution, latent_shape, num_inference_steps, guidance_scale, seed, prompts):
-    """The settings a cache is made with and checked against (all JSON values)."""
+# The route of caches made before transcoding existed: the teacher's own latents.
+ROUTE_DEFAULTS = {"latent_transcode": False, "teacher_vae": None, "base_vae": None}
+
+
+def latent_route(teacher, transcode=False, teacher_vae=None, base=None):
+    """How the cached latents were made, as JSON values: raw teacher latents (no VAE involved), or decoded by
+    ``teacher_vae`` (``--teacher_vae``, else the teacher's ``vae/``) and re-encoded by ``base``'s ``vae/``."""
+    if not transcode:
+        return dict(ROUTE_DEFAULTS)
+    if base is None:
+        raise ValueError("a transcoded cache needs the base model whose VAE encodes the latents")
+    decoder = teacher_identity(teacher_vae) if teacher_vae else f"{teacher_identity(teacher)}/vae"
+    return {"latent_transcode": True, "teacher_vae": decoder, "base_vae": f"{teacher_identity(base)}/vae"}
+
+
+def describe_route(settings):
+    if not settings.get("latent_transcode", False):
+        return "the teacher's own latents (no transcoding)"
+    return f"latents decoded by {settings['teacher_vae']} and re-encoded by {settings['base_vae']}"
+
+
+def make_cache_settings(teacher, resolution, latent_shape, num_inference_steps, guidance_scale, seed, prompts,
+                        transcode=False, teacher_vae=None, base=None):
+    """The settings a cache is made with and checked against (all JSON values). ``latent_shape``: the stored
+    (base-space) latents' shape; ``transcode``, ``teacher_vae``, ``base``: the route (:func:`latent_route`)."""
     return {
         "teacher": teacher_identity(teacher),
+        **latent_route(teacher, transcode, teacher_vae, base),
         "resolution": int(resolution),
         "latent_shape": [int(s) for s in latent_shape],
         "teacher_num_inference_steps": int(num_inference_steps),
@@ -123,9 +150,10 @@ def _shard_metadata(settings, epoch, shard, batch_size):
 
 
 def _shard_settings(metadata):
-    return {key: json.loads(metadata[key]) for key in
-            ("teacher", "resolution", "latent_shape", "teacher_num_inference_steps", "teacher_guidance_scale",
-             "seed", "num_prompts", "prompts_sha256") if key in metadata}
+    settings = {key: json.loads(metadata[key]) for key in
+                ("teacher", "resolution", "latent_shape", "teacher_num_inference_steps", "teacher_guidance_scale",
+                 "seed", "num_prompts", "prompts_sha256", *ROUTE_DEFAULTS) if key in metadata}
+    return {**ROUTE_DEFAULTS, **settings} if "teacher" in settings else settings
 
 
 def _atomic_save(tensors, metadata, path):
@@ -184,7 +212,9 @@ def precompute_latents(output_dir, latent_source, prompts, settings, num_epochs=
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     autocast = autocast or nullcontext
-    latent_shape = tuple(settings["latent_shape"])
+    # The noise has the teacher's latent shape; the stored latents the base's (equal unless transcoded).
+    noise_shape = tuple(latent_source.noise_shape(settings["resolution"]) if hasattr(latent_source, "noise_shape")
+                        else settings["latent_shape"])
     per_epoch = num_shards(len(prompts), shard_size)
     work = [(e, s) for e in range(num_epochs) for s in range(per_epoch)][rank::world_size]
     written = 0
@@ -202,7 +232,7 @@ def precompute_latents(output_dir, latent_source, prompts, settings, num_epochs=
         seeds = teacher_noise_seeds(settings["seed"], epoch, indices)
         chunks = []
         for b in range(0, len(indices), batch_size):
-            noise = teacher_noise(seeds[b:b + batch_size], latent_shape, device, noise_dtype)
+            noise = teacher_noise(seeds[b:b + batch_size], noise_shape, device, noise_dtype)
             with autocast(), torch.no_grad():
                 latents = latent_source([prompts[i] for i in indices[b:b + batch_size]], noise)
             chunks.append(latents.detach().to("cpu"))
@@ -273,6 +303,10 @@ def check_cache(cache_dir, settings):
         raise LatentCacheError(
             f"{flag} was made with teacher {info['teacher']} at resolution {info['resolution']}, this run asks for "
             f"{settings['teacher']} at {settings['resolution']}: {REBUILD_HINT}")
+    if any(info.get(key, default) != settings[key] for key, default in ROUTE_DEFAULTS.items()):
+        raise LatentCacheError(
+            f"{flag} holds {describe_route(info)}, this run asks for {describe_route(settings)} (see "
+            f"--teacher_latent_transcode, --teacher_vae, --pretrained_model_name_or_path): {REBUILD_HINT}")
     names = {"teacher_num_inference_steps": "--teacher_num_inference_steps",
              "teacher_guidance_scale": "--teacher_guidance_scale", "seed": "--seed", "latent_shape": "latent shape"}
     differ = [key for key in names if info[key] != settings[key]]
@@ -287,13 +321,20 @@ def check_cache(cache_dir, settings):
     return info
 
 
-def check_cache_for_run(args, prompts):
-    """Check ``--teacher_latent_cache`` against a ``train_yoso_lora.py`` run, before any model loads."""
+def check_cache_for_run(args, prompts, plan=None):
+    """Check ``--teacher_latent_cache`` against a ``train_yoso_lora.py`` run, before any model loads.
+
+    ``plan``: the preflight's ``yoso.latent_space.TeacherLatentPlan`` (whether this run transcodes); read
+    from the models' configs when not given."""
+    from .latent_space import teacher_latent_plan
+
     cache_dir = args.teacher_latent_cache
     info = read_cache_info(cache_dir)
-    settings = make_cache_settings(args.pretrained_teacher_model, args.resolution, info["latent_shape"],
-                                   args.teacher_num_inference_steps, args.teacher_guidance_scale, args.seed, prompts)
-    # The latent shape follows from the resolution (checked against the models by preflight).
+    plan = plan or teacher_latent_plan(args)
+    settings = make_cache_settings(args.pretrained_teacher_model, args.resolution, plan.latent_shape,
+                                   args.teacher_num_inference_steps, args.teacher_guidance_scale, args.seed, prompts,
+                                   plan.transcode, getattr(args, "teacher_vae", None),
+                                   args.pretrained_model_name_or_path)
     return check_cache(cache_dir, settings)
 
 

@@ -214,6 +214,157 @@ def write_sample_journeydb_archive(path, n=64, seed=0):
     return path
 
 
+# ---- a tiny SDXL-Turbo-shaped teacher (another latent space) -------------------------------------------
+
+SDXL_VAE_SCALING_FACTOR = 0.13025
+
+
+def _text_encoder_with_projection(hidden_size, projection_dim, seed, num_layers=2):
+    """SDXL's second text encoder shape: a CLIP text model whose pooled output is projected (the pooled
+    embedding SDXL conditions on)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=projection_dim,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def build_tiny_sdxl_turbo(path, resolution=64, block_out_channels=(32, 64), text_hidden_sizes=(32, 48),
+                          projection_dim=32, time_embed_dim=8, seed=200, vae=None):
+    """Save a tiny SDXL-Turbo-shaped StableDiffusionXLPipeline to ``path``; return the path.
+
+    Two text encoders (CLIPTextModel, and CLIPTextModelWithProjection for the pooled embedding, with the
+    SD2-style "!" padding tokenizer), a UNet with SDXL's ``text_time`` added conditioning (pooled text +
+    6 size numbers: original size, crop corner, target size), Euler with trailing spacing as SDXL-Turbo's
+    scheduler, and a VAE in *another* latent space than the tiny SD1.5's: scaling factor 0.13025 (SDXL's),
+    other weights, ``force_upcast`` false. ``vae``: an AutoencoderKL to use instead (e.g. from
+    :func:`make_blockwise_linear_vae`).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if vae is None:
+        vae = make_vae(seed + 1, resolution, scaling_factor=SDXL_VAE_SCALING_FACTOR)
+        vae.register_to_config(force_upcast=False)
+    torch.manual_seed(seed + 3)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        # SDXL's pattern: no attention in the highest-resolution block.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        cross_attention_dim=sum(text_hidden_sizes),  # the two encoders' hidden states, concatenated
+        attention_head_dim=8,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+    ).eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=_text_encoder(text_hidden_sizes[0], seed + 2),
+        text_encoder_2=_text_encoder_with_projection(text_hidden_sizes[1], projection_dim, seed + 4),
+        tokenizer=make_clip_tokenizer(),
+        tokenizer_2=make_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(TURBO_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        write_clip_vocab_files(Path(path) / folder)
+    return str(path)
+
+
+def make_blockwise_linear_vae(encode_matrix, scaling_factor=0.18215, sample_size=64, channels=16, offset=30.0,
+                              big=1000.0):
+    """An AutoencoderKL (SD's layout: 3 downsamplings, 4 latent channels) whose weights are set so that, on
+    images constant over aligned 8x8 blocks, it is an exact linear code: the latent of a block is
+    ``encode_matrix @ rgb`` (a 4x3 matrix of rank 3) and the decoder maps it back by the pseudo-inverse.
+    Round trips of random tiny VAEs are far from the identity; this one's are the identity to ~1e-5, and
+    every image its decoder makes is block-constant, so a test can tell one latent space from another.
+
+    How: resnets and attention are residual with their last layer zeroed (identities); the 2x downsamplers
+    pick the top-left pixel, the upsamplers are nearest-neighbour. The final GroupNorms would erase each
+    image's scale, so each signal channel ``s`` shares its group with ``-s``, ``+big`` and ``-big``: the group
+    mean is exactly 0 and its std ``big / sqrt(2)`` up to a relative ``mean(s^2) / big^2``, which the norm's
+    affine weight undoes; its bias ``offset`` keeps the SiLU after it in its linear range (|s| << offset).
+    """
+    from diffusers import AutoencoderKL
+
+    encode = torch.as_tensor(encode_matrix, dtype=torch.float64)
+    assert encode.shape == (4, 3) and torch.linalg.matrix_rank(encode) == 3, "encode_matrix: a 4x3 matrix of rank 3"
+    decode = torch.linalg.pinv(encode)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(channels,) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=channels // 4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        force_upcast=False,
+    ).eval()
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.zero_()
+        for name, module in vae.named_modules():
+            if name.endswith(("downsamplers.0.conv", "upsamplers.0.conv")):
+                tap = 0 if "down" in name else 1  # top-left pixel of the padded 3x3 window / its centre
+                for c in range(channels):
+                    module.weight[c, c, tap, tap] = 1.0
+
+        def write_signal(conv, matrix, bias=None):
+            """conv's centre tap writes ``matrix @ input`` into channels 4g (group g) and its negation into
+            4g+1, and +-big into 4g+2, 4g+3 (every group: also the one without a signal)."""
+            for g in range(matrix.shape[0]):
+                conv.weight[4 * g, :, 1, 1] = matrix[g].float()
+                conv.weight[4 * g + 1, :, 1, 1] = -matrix[g].float()
+                if bias is not None:
+                    conv.bias[4 * g] = bias[g]
+                    conv.bias[4 * g + 1] = -bias[g]
+            for g in range(channels // 4):
+                conv.bias[4 * g + 2], conv.bias[4 * g + 3] = big, -big
+
+        def undo_norm(norm):
+            for g in range(channels // 4):
+                norm.weight[4 * g] = big / 2**0.5
+                norm.bias[4 * g] = offset
+
+        write_signal(vae.encoder.conv_in, torch.eye(3))
+        undo_norm(vae.encoder.conv_norm_out)
+        for latent in range(4):  # mean = encode @ (silu(s + offset) - offset); logvar = -30 (std 3e-7)
+            for g in range(3):
+                vae.encoder.conv_out.weight[latent, 4 * g, 1, 1] = float(encode[latent, g])
+            vae.encoder.conv_out.bias[latent] = -offset * float(encode[latent].sum())
+            vae.encoder.conv_out.bias[4 + latent] = -30.0
+        write_signal(vae.decoder.conv_in, decode)
+        undo_norm(vae.decoder.conv_norm_out)
+        for g in range(3):
+            vae.decoder.conv_out.weight[g, 4 * g, 1, 1] = 1.0
+            vae.decoder.conv_out.bias[g] = -offset
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            for c in range(conv.weight.shape[0]):
+                conv.weight[c, c, 0, 0] = 1.0
+    return vae
+
+
 def main():
     parser = argparse.ArgumentParser(description="Build tiny offline SD1.5 and SD-Turbo-shaped pipelines.")
     parser.add_argument("--output_dir", required=True)
