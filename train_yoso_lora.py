@@ -36,7 +36,14 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", default="runwayml/stable-diffusion-v1-5",
                    help="Base model (SD1.5 family): a diffusers folder or hub id. The LoRA is trained on its UNet.")
     p.add_argument("--pretrained_teacher_model", default="stabilityai/sd-turbo",
-                   help="Pipeline that turns prompts into training latents; must share the base model's latent space.")
+                   help="Pipeline that turns prompts into training latents (SD-Turbo; SDXL-Turbo's latents are transcoded "
+                        "into the base's latent space, see --teacher_latent_transcode).")
+    p.add_argument("--teacher_vae", default=None, metavar="PATH",
+                   help="A VAE (folder or hub id) that decodes the teacher's latents when they are transcoded, e.g. "
+                        "madebyollin/sdxl-vae-fp16-fix for SDXL-Turbo in fp16.")
+    p.add_argument("--teacher_latent_transcode", default="auto", choices=["auto", "always", "never"],
+                   help="Decode the teacher's latents with its VAE and re-encode them with the base's: 'auto' when the two "
+                        "VAEs' configs differ (SDXL-Turbo for SD1.5), 'always', or 'never'.")
     p.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
     p.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
     p.add_argument("--cache_dir", default=None, help="Where downloaded models are cached.")
@@ -147,9 +154,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        prompts = preflight(args)
+        checked = preflight(args)
         if args.teacher_latent_cache:
-            check_cache_for_run(args, prompts)
+            check_cache_for_run(args, checked.prompts, checked.teacher_plan)
     except (ArgumentError, PromptFileError, LatentCacheError, ImageDataError) as error:
         sys.exit(f"train_yoso_lora.py: error: {error}")
 
@@ -184,7 +191,7 @@ def main(argv=None):
         output_dir.mkdir(parents=True, exist_ok=True)
 
     try:
-        run = train(args, prompts, accelerator, output_dir)
+        run = train(args, checked, accelerator, output_dir)
     except NonFiniteLossError as error:
         # Nothing is saved on this path: the last checkpoint and any earlier outputs stay as they were.
         last = latest_checkpoint(output_dir)
@@ -205,7 +212,7 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def train(args, prompts, accelerator, output_dir):
+def train(args, checked, accelerator, output_dir):
     """Build, resume, loop, save. Returns the run (its models still alive) for the caller to free."""
     from tqdm.auto import tqdm
 
@@ -223,14 +230,17 @@ def train(args, prompts, accelerator, output_dir):
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.push_to_hub and accelerator.is_main_process:  # a missing Hub login shows now, not after training
         args.hub_model_id = create_hub_repo(args.hub_model_id or default_repo_name(output_dir), token=args.hub_token)
-    data = open_training_data(args, prompts, accelerator)
+    data = open_training_data(args, checked.prompts, accelerator)
     max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(
         data.batches_per_epoch / args.gradient_accumulation_steps)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     teacher = None if data.kind == "images" else args.pretrained_teacher_model
-    run = build_run(RunSettings.from_args(args, pretrained_teacher_model=teacher), accelerator,
-                    num_training_steps=max_train_steps)
+    transcode = checked.teacher_plan is not None and checked.teacher_plan.transcode
+    if transcode:
+        logger.info(f"teacher latents: {checked.teacher_plan.reason}")
+    run = build_run(RunSettings.from_args(args, pretrained_teacher_model=teacher, transcode_teacher_latents=transcode),
+                    accelerator, num_training_steps=max_train_steps)
     models, trainer = run.models, run.trainer
     if args.teacher_latent_cache:
         from yoso.latent_cache import open_cache_for_run

@@ -7,6 +7,7 @@ latents, decoded by the base VAE, give the teacher's own images; the raw latents
 """
 
 import argparse
+import json
 import shutil
 
 import pytest
@@ -262,3 +263,35 @@ def test_plan_from_flags_reads_teacher_vae_folders(tiny_base, tiny_teacher, sdxl
     assert not teacher_latent_plan(args(sdxl_teacher, teacher_vae=None, teacher_latent_transcode="never")).transcode
     with pytest.raises(ArgumentError, match=r"^--teacher_vae /nowhere/vae: no such folder"):
         teacher_latent_plan(args(sdxl_teacher, teacher_vae="/nowhere/vae", teacher_latent_transcode="auto"))
+
+
+def test_train_script_transcodes_an_sdxl_teachers_latents(sdxl_teacher, tiny_base, tmp_path):
+    """train_yoso_lora.py with the SDXL-Turbo-shaped teacher: the preflight decides to transcode, and the
+    latents the step trained on (their statistics) are the transcoded teacher latents of the first batch."""
+    from safetensors.torch import load_file
+
+    from harness import launch, tiny_train_args, write_prompts
+    from yoso.data import ShardedPromptSampler
+    from yoso.latent_stats import LatentStats
+    from yoso.teacher import load_teacher_latents, teacher_noise, teacher_noise_seeds
+
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl", n=8)
+    outputs = {}
+    for mode in ("auto", "never"):
+        out = tmp_path / mode
+        result = launch(tiny_train_args(tiny_base, sdxl_teacher, prompts_file, out, steps=1, report_to="none",
+                                        teacher_latent_transcode=mode))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("teacher latents:" in result.stderr) == (mode == "auto")
+        outputs[mode] = load_file(out / "latent_stats.safetensors")
+
+    prompts = [json.loads(line)["prompt"] for line in open(prompts_file)]
+    _, _, indices = next(ShardedPromptSampler(8, 4, 1, 0, 0).batches())  # the run's first batch (seed 0)
+    source = load_teacher_latents(sdxl_teacher, tiny_base, torch.float32, "cpu", transcode=True)
+    noise = teacher_noise(teacher_noise_seeds(0, 0, indices), source.noise_shape(64), "cpu", torch.float32)
+    expected = LatentStats((4, 8, 8))
+    expected.update(source([prompts[i] for i in indices], noise))
+    assert (outputs["auto"]["mean"] - expected.mean()).abs().max().item() <= 1e-5
+    assert abs(outputs["auto"]["std"].item() - expected.std()) <= 1e-5
+    # Without transcoding the run trains on the teacher's own latents, which differ.
+    assert (outputs["never"]["mean"] - expected.mean()).abs().max().item() > 1e-2

@@ -214,7 +214,7 @@ BAD_CASES = {
     "resolution": ({"resolution": "72"}, ["--resolution 72", "multiple of 16"]),
     "base path": ({"pretrained_model_name_or_path": "./no/such/model"}, ["--pretrained_model_name_or_path ./no/such/model", "no such folder"]),
     "unreachable hub id": ({"pretrained_model_name_or_path": "someone/not-cached"}, ["--pretrained_model_name_or_path someone/not-cached", "cannot read"]),
-    "teacher latent space": ({"pretrained_teacher_model": "{root}/wide_teacher"}, ["--pretrained_teacher_model", "16 channels"]),
+    "teacher latent space": ({"pretrained_teacher_model": "{root}/wide_teacher"}, ["--pretrained_teacher_model", "takes 16"]),
     "lora target": ({"lora_target_modules": ["to_q", "to_qq"]}, ["--lora_target_modules", "to_qq"]),
     "xformers": ({"enable_xformers_memory_efficient_attention": True}, ["--enable_xformers_memory_efficient_attention", "not installed"]),
     "bitsandbytes": ({"use_8bit_adam": True}, ["--use_8bit_adam", "not installed"]),

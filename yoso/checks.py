@@ -8,6 +8,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from .data import read_prompts
 from .lora import unmatched_targets
@@ -58,16 +59,6 @@ def check_resolution(resolution, base_vae, base_unet, which="the base model"):
         )
 
 
-def check_teacher_latents(base_vae, base_unet, teacher_vae, teacher_unet):
-    base = (base_unet["in_channels"], vae_scale_factor(base_vae))
-    teacher = (teacher_vae["latent_channels"], vae_scale_factor(teacher_vae))
-    if base != teacher or teacher_unet["in_channels"] != teacher[0]:
-        raise ArgumentError(
-            f"--pretrained_teacher_model makes latents of {teacher[0]} channels at 1/{teacher[1]} resolution, the base UNet "
-            f"takes {base[0]} channels at 1/{base[1]}: the teacher must share the base model's latent space (as SD-Turbo does SD1.5's)"
-        )
-
-
 def check_lora_targets(base_unet_config, target_modules):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -100,12 +91,17 @@ def check_output_dir(path):
         raise ArgumentError(f"--output_dir {path}: {existing} is not a writable folder")
 
 
+class PreflightResult(NamedTuple):
+    prompts: list | None  # read from --train_data (once); None when the run trains on images
+    teacher_plan: object  # yoso.latent_space.TeacherLatentPlan (transcode or not); None with images
+
+
 def preflight(args):
-    """Run every check; return the prompts read from ``--train_data`` (so they are read once), or None when
-    the run trains on images (``--dataset_name`` / ``--train_data_dir``)."""
+    """Run every check; return what the run needs from them (:class:`PreflightResult`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from .image_data import check_image_data, resolve_caption_column, uses_image_data
+    from .latent_space import teacher_latent_plan
 
     check_optional_packages(args)
     check_output_dir(args.output_dir)
@@ -127,15 +123,12 @@ def preflight(args):
     else:
         prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples)
 
-    base, teacher = args.pretrained_model_name_or_path, args.pretrained_teacher_model
+    base = args.pretrained_model_name_or_path
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     base_unet = load_model_config("--pretrained_model_name_or_path", base, "unet", UNet2DConditionModel, **common)
     base_vae = load_model_config("--pretrained_model_name_or_path", base, "vae", AutoencoderKL, **common)
     check_resolution(args.resolution, base_vae, base_unet)
-    if not images:  # the teacher makes x0 from prompts; with images the base VAE does
-        teacher_unet = load_model_config("--pretrained_teacher_model", teacher, "unet", UNet2DConditionModel, cache_dir=args.cache_dir)
-        teacher_vae = load_model_config("--pretrained_teacher_model", teacher, "vae", AutoencoderKL, cache_dir=args.cache_dir)
-        check_resolution(args.resolution, teacher_vae, teacher_unet, which="the teacher")
-        check_teacher_latents(base_vae, base_unet, teacher_vae, teacher_unet)
+    # The teacher makes x0 from prompts (in the base's latent space, or transcoded into it); with images the base VAE does.
+    teacher_plan = None if images else teacher_latent_plan(args)
     check_lora_targets(base_unet, args.lora_target_modules)
-    return prompts
+    return PreflightResult(prompts, teacher_plan)

@@ -297,7 +297,7 @@ def read_cache_info(cache_dir, flag="--teacher_latent_cache"):
 def check_cache(cache_dir, settings):
     """The cache's info if it was made with ``settings`` (see :func:`make_cache_settings`), else a one-line
     LatentCacheError that names what differs and how to fix it."""
-    info = read_cache_info(cache_dir)
+    read_cache_info(cache_dir)  # a cache of this format, or a one-line error
     flag = f"--teacher_latent_cache {cache_dir}"
     if info["teacher"] != settings["teacher"] or info["resolution"] != settings["resolution"]:
         raise LatentCacheError(
@@ -329,7 +329,7 @@ def check_cache_for_run(args, prompts, plan=None):
     from .latent_space import teacher_latent_plan
 
     cache_dir = args.teacher_latent_cache
-    info = read_cache_info(cache_dir)
+    read_cache_info(cache_dir)  # a cache of this format, or a one-line error
     plan = plan or teacher_latent_plan(args)
     settings = make_cache_settings(args.pretrained_teacher_model, args.resolution, plan.latent_shape,
                                    args.teacher_num_inference_steps, args.teacher_guidance_scale, args.seed, prompts,

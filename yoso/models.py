@@ -4,7 +4,8 @@ the tests and the benchmarks (through ``yoso.run.build_run``) so that all three 
     G    base UNet + LoRA (LoRA trainable, fp32; base weights frozen, in the compute dtype)
     E    base CLIP text encoder + tokenizer (frozen)
     VAE  base VAE, only for validation images (frozen)
-    T    teacher pipeline (frozen; skipped when training from cached latents)
+    T    teacher pipeline (frozen; skipped when training from cached latents or images), with a VAE
+         transcoder into the base's latent space when its own differs (SDXL-Turbo)
     F    G's encoder half with the LoRA off (no extra weights)
     D    copy of the base UNet's encoder half + head (trainable, fp32)
 """
@@ -16,7 +17,7 @@ import torch
 from .discriminator import Discriminator
 from .lora import add_lora
 from .schedule import YOSOSchedule
-from .teacher import TeacherLatents, load_teacher
+from .teacher import TeacherLatents, load_teacher_latents
 from .unet_encoder import FeatureNet
 
 
@@ -30,6 +31,7 @@ class ModelParts:
     unet: torch.nn.Module
     noise_scheduler: object
     teacher_pipeline: object = None  # already placed on the device in the compute dtype; None: no teacher
+    teacher_transcoder: object = None  # yoso.latent_space.LatentTranscoder when the teacher's latent space differs
 
 
 @dataclass(kw_only=True)
@@ -44,6 +46,7 @@ class YOSOModels:
     schedule: YOSOSchedule
     latent_source: object  # TeacherLatents, or None when the latents come from elsewhere (a cache)
     latent_shape: tuple
+    teacher_noise_shape: tuple | None  # the teacher's own latent shape (its noise), None without a teacher
     weight_dtype: torch.dtype
 
 
@@ -61,12 +64,15 @@ def load_model_parts(settings, device, weight_dtype):
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **weights)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
-    teacher_pipeline = None
+    teacher_pipeline = transcoder = None
     if settings.loads_teacher:
-        teacher_pipeline = load_teacher(settings.pretrained_teacher_model, weight_dtype, device,
-                                        cache_dir=settings.cache_dir)
+        latent_source = load_teacher_latents(
+            settings.pretrained_teacher_model, base, weight_dtype, device,
+            transcode=settings.transcode_teacher_latents, teacher_vae=settings.teacher_vae,
+            revision=settings.revision, variant=settings.variant, cache_dir=settings.cache_dir)
+        teacher_pipeline, transcoder = latent_source.pipeline, latent_source.transcoder
     return ModelParts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                      noise_scheduler=noise_scheduler, teacher_pipeline=teacher_pipeline)
+                      noise_scheduler=noise_scheduler, teacher_pipeline=teacher_pipeline, teacher_transcoder=transcoder)
 
 
 def assemble_models(parts, settings, *, device, weight_dtype):
@@ -95,7 +101,7 @@ def assemble_models(parts, settings, *, device, weight_dtype):
     latent_source = None
     if teacher_pipeline is not None:
         latent_source = TeacherLatents(teacher_pipeline, settings.teacher_num_inference_steps,
-                                       settings.teacher_guidance_scale)
+                                       settings.teacher_guidance_scale, parts.teacher_transcoder)
     if settings.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
         if teacher_pipeline is not None:
@@ -108,4 +114,5 @@ def assemble_models(parts, settings, *, device, weight_dtype):
     return YOSOModels(tokenizer=parts.tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                       discriminator=discriminator, feature_net=FeatureNet(unet), noise_scheduler=parts.noise_scheduler,
                       schedule=schedule, latent_source=latent_source, latent_shape=latent_shape,
+                      teacher_noise_shape=latent_source.noise_shape(settings.resolution) if latent_source else None,
                       weight_dtype=weight_dtype)

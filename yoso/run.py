@@ -24,6 +24,8 @@ class RunSettings:
     pretrained_model_name_or_path: str
     pretrained_teacher_model: str | None = None  # None: the latents come from elsewhere (a cache)
     teacher_latent_cache: str | None = None  # set: the teacher is not loaded
+    teacher_vae: str | None = None
+    transcode_teacher_latents: bool = False  # the preflight's decision (yoso.latent_space.TeacherLatentPlan)
     revision: str | None = None
     variant: str | None = None
     cache_dir: str | None = None
@@ -168,7 +170,8 @@ def build_run(settings, accelerator, *, num_training_steps, parts=None, weight_d
         text_encoder=models.text_encoder, latent_source=models.latent_source, schedule=models.schedule,
         optimizer_g=optimizer_g, optimizer_d=optimizer_d, lr_scheduler=lr_scheduler, ema=ema,
         loss_config=settings.loss_config(), latent_shape=models.latent_shape, seed=settings.seed,
-        noise_offset=settings.noise_offset, input_perturbation=settings.input_perturbation,
+        teacher_noise_shape=models.teacher_noise_shape, noise_offset=settings.noise_offset,
+        input_perturbation=settings.input_perturbation,
         max_grad_norm=settings.max_grad_norm, max_nonfinite_steps=settings.max_nonfinite_steps, timer=timer or no_timer)
     return TrainingRun(settings=settings, accelerator=accelerator, models=models, unet=unet,
                        discriminator=discriminator, unet_module=unet_module,

@@ -65,7 +65,8 @@ class YOSOTrainingStep:
     """
 
     def __init__(self, accelerator, *, unet, discriminator, feature_net, text_encoder, latent_source, schedule,
-                 optimizer_g, optimizer_d, lr_scheduler, ema, loss_config, latent_shape, seed=0, noise_offset=0.0,
+                 optimizer_g, optimizer_d, lr_scheduler, ema, loss_config, latent_shape, teacher_noise_shape=None,
+                 seed=0, noise_offset=0.0,
                  input_perturbation=0.0, max_grad_norm=1.0, max_nonfinite_steps=20, timer=no_timer):
         self.accelerator = accelerator
         self.unet = unet
@@ -92,6 +93,7 @@ class YOSOTrainingStep:
         self._d_window_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
         self._g_window_ok = self._d_window_ok.clone()
         self.latent_shape = tuple(latent_shape)
+        self.teacher_noise_shape = tuple(teacher_noise_shape or latent_shape)
         self.seed = seed
         self.timer = timer
         self.lora_parameters = [p for p in self.unet_module.parameters() if p.requires_grad]
@@ -123,7 +125,7 @@ class YOSOTrainingStep:
         if "latents" in batch:
             return batch["latents"].to(self.accelerator.device, torch.float32)
         seeds = teacher_noise_seeds(self.seed, batch["epoch"], batch["indices"])
-        noise = teacher_noise(seeds, self.latent_shape, self.accelerator.device, c.dtype)
+        noise = teacher_noise(seeds, self.teacher_noise_shape, self.accelerator.device, c.dtype)
         return self.latent_source(batch["prompts"], noise).float()
 
     def step(self, batch, generator):
