@@ -18,6 +18,7 @@ networks) is written into both reports: see yoso/image_metrics.py. Bad input sto
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 PROG = "evaluate_yoso.py"
@@ -147,7 +148,9 @@ def load_models(plan, pending, device, dtype):
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole evaluation instead of one per call
     stats = [None] * len(plan.loras)
     for i in sorted({run.lora_index for run in pending}):
-        yi.load_lora(pipe, plan.loras[i], base_model=plan.base_model, adapter_name=ev.adapter_name(i))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # several LoRAs side by side, on purpose
+            yi.load_lora(pipe, plan.loras[i], base_model=plan.base_model, adapter_name=ev.adapter_name(i))
         if plan.latent_stats[i] and any(r.lora_index == i and r.mode == "one_step_ipi" for r in pending):
             stats[i] = load_latent_stats(plan.latent_stats[i][0])
             if stats[i][0].shape[0] != pipe.unet.config.in_channels:
@@ -218,6 +221,7 @@ def main(argv=None):
     check_args(args, parser)
 
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from yoso.evaluation import EvaluationError
     from yoso.image_metrics import MetricsError
@@ -225,7 +229,8 @@ def main(argv=None):
     from yoso.latent_stats import LatentStatsError
     from yoso.output_dir import OutputDirError
 
-    state = PartialState()
+    # As accelerate's own AcceleratorState does: `accelerate launch --cpu` / ACCELERATE_USE_CPU means gloo on CPUs.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu")
     stage = {"planned": False}
     try:
         return evaluate(args, state, stage)

@@ -3,7 +3,8 @@
 FID (Frechet distance between Inception features of generated and reference images):
 
 - every image is read as RGB, center-cropped to a square and resized to 299 x 299 with PIL's bicubic
-  filter (clean-fid's "clean" resize), then passed as uint8 to the feature network;
+  filter on the 8-bit image (antialiased, unlike a tensor interpolation), then passed as uint8 to the
+  feature network;
 - the feature network is a TorchScript module called as ``net(images, return_features=True)`` -> ``[N, D]``.
   The default is NVlabs' TorchScript port of the TensorFlow Inception-v3 (2015-12-05 weights) that
   StyleGAN2-ADA and clean-fid use: pool3 features, 2048-d. Its own resize to 299 is the identity here;
@@ -21,6 +22,7 @@ CLIP score, with a transformers ``CLIPModel`` (default ``openai/clip-vit-large-p
 """
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +119,10 @@ class TorchScriptFeatures(torch.nn.Module):
     def __init__(self, path, num_features=None):
         super().__init__()
         try:
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                # torch marks TorchScript deprecated; NVlabs' Inception exists only in that format.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:
             raise MetricsError(f"--fid_feature_net {path} is not a loadable TorchScript file: {_first_line(exc)}") from exc
         if num_features is None:
