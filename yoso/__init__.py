@@ -20,6 +20,9 @@ One concept per module:
 - ``checks``        command-line validation that fails in one line before any model loads
 - ``journeydb``     JourneyDB annotations -> clean prompt file (``prepare_journeydb.py``)
 - ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)
+- ``evaluation``    prompt sets, runs (LoRA x mode x steps), resumable sharded generation, reports
+- ``image_metrics`` FID (TorchScript Inception + torchmetrics) and CLIP score, with their protocol
+- ``output_dir``    output folders created only once there is something to write
 - ``testing``       tiny SD1.5-/SD-Turbo-shaped pipelines built offline for tests and the demo
 """
 
