@@ -114,10 +114,7 @@ def preflight(args):
             raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
                                 "(use 'latest' or a checkpoint-<step> folder)")
     images = uses_image_data(args)
-    if images:
-        if args.teacher_latent_cache:
-            raise ArgumentError("--teacher_latent_cache with image data (--dataset_name / --train_data_dir): the images "
-                                "replace the teacher; drop one of them")
+    if images:  # with --teacher_latent_cache, an image cache of this data (check_cache_for_run)
         check_image_data(args)
         prompts = None
     else:
