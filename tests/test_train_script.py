@@ -292,7 +292,8 @@ def test_one_non_finite_step_is_skipped_and_the_run_finishes(tiny_base, tiny_tea
     from yoso.latent_cache import shard_file_name
 
     cache = tmp_path / "cache"
-    result = launch(["--pretrained_teacher_model", tiny_teacher, "--train_data", prompts_file, "--resolution", "64",
+    result = launch(["--pretrained_model_name_or_path", tiny_base, "--pretrained_teacher_model", tiny_teacher,
+                     "--train_data", prompts_file, "--resolution", "64",
                      "--seed", "0", "--output_dir", cache, "--shard_size", "4", "--train_batch_size", "4"],
                     script="precompute_teacher_latents.py")
     assert result.returncode == 0, result.stderr[-3000:]
