@@ -7,7 +7,8 @@
 
 Writes one PNG per image (its settings in the PNG's "parameters" text chunk) and ``grid.png`` (a row per
 prompt) into --output_dir and prints their paths. Each prompt gets its own generator seeded with --seed,
-so a prompt's images do not depend on the other prompts. Bad input stops with a one-line ``error: ...``
+so a prompt's images do not depend on the other prompts. --output_dir is created only once the pipeline and the
+LoRA have loaded, so an error leaves no empty folder behind. Bad input stops with a one-line ``error: ...``
 and exit status 2. The logic lives in yoso/inference.py.
 """
 
@@ -99,6 +100,7 @@ def run(args, prompts):
 
     from yoso import inference as yi
     from yoso.latent_stats import LATENT_STATS_NAME, load_latent_stats, save_latent_stats
+    from yoso.output_dir import check_creatable, make_output_dir
 
     # Everything that can be checked without a model first: these fail fast, in one line.
     source = yi.resolve_lora(args.lora)
@@ -113,15 +115,13 @@ def run(args, prompts):
         raise yi.InferenceError("--ipi_from_samples saves latent_stats.safetensors to --output_dir, which is the LoRA's folder: "
                                 "choose another --output_dir so the training's statistics are not overwritten")
     device, dtype = yi.resolve_device_dtype(args.device, args.dtype)
-    output_dir = Path(args.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise yi.InferenceError(f"--output_dir {output_dir} cannot be created: {exc}") from exc
+    output_dir = check_creatable(args.output_dir)
 
     pipe = yi.load_pipeline(args.base_model, device, dtype)
     yi.set_scheduler(pipe, args.mode)
     yi.load_lora(pipe, source, base_model=args.base_model, lora_scale=args.lora_scale, fuse=args.fuse_lora)
+    # Only now is there something to write: an error above leaves no empty folder behind.
+    make_output_dir(output_dir)
 
     if args.mode == "one_step_ipi" and latent_stats is None:
         generator = torch.Generator().manual_seed(args.seed + 1)
@@ -161,10 +161,11 @@ def main(argv=None):
 
     from yoso.inference import InferenceError
     from yoso.latent_stats import LatentStatsError
+    from yoso.output_dir import OutputDirError
 
     try:
         return run(args, prompts)
-    except (InferenceError, LatentStatsError) as exc:
+    except (InferenceError, LatentStatsError, OutputDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

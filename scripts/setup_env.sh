@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, diffusers, transformers, peft, accelerate, pytest, importlib.util as u; assert u.find_spec('open_clip') and u.find_spec('wandb')" 2>/dev/null; then
+if ! "$PY" -c "import torch, diffusers, transformers, peft, accelerate, pytest, importlib.util as u; assert all(u.find_spec(m) for m in ('open_clip', 'wandb', 'torchmetrics'))" 2>/dev/null; then
   echo "setup: installing packages (torch 2.13.0 first, then requirements-dev.txt)"
   "$PY" -m pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch pulled in by another package would be a multi-GB CUDA build.

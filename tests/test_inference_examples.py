@@ -381,6 +381,18 @@ def test_unavailable_hub_lora_is_one_line(tiny_base, tmp_path, capsys):
     assert line.startswith("error: could not load --lora nobody-here/no-such-lora (not a local file or folder, tried as a hub id)")
 
 
+@pytest.mark.parametrize("failure", ["misfit_lora", "hub_lora_unavailable"])
+def test_error_after_the_pipeline_loads_leaves_no_output_dir(failure, tiny_base, tiny_teacher, lora_dir, tmp_path, capsys):
+    # Both errors come after load_pipeline: the output folder (and its missing parents) must not be created
+    # before there is something to write into it (issue 12.10).
+    base, lora = (tiny_teacher, lora_dir) if failure == "misfit_lora" else (tiny_base, "nobody-here/no-such-lora")
+    out = tmp_path / "not_yet" / "out"
+    line = cli_error(["--base_model", base, "--lora", lora, "--device", "cpu", "--output_dir", out], capsys)
+    assert ("does not fit" if failure == "misfit_lora" else "could not load --lora") in line
+    assert not out.exists() and not out.parent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_script_error_is_one_line_on_stderr(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "inference_examples.py", "--lora", str(tmp_path / "missing")], cwd=REPO,

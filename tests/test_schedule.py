@@ -120,5 +120,9 @@ def test_losses_reductions():
         discriminator_loss(real, fake, "mean")
     a, b = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
     w = torch.tensor([2.0, 0.5])
-    assert data_loss(a, b, w).item() == pytest.approx((2 * 1 + 0.5 * 4) / 2)
+    assert data_loss(a, b, w, "sample").item() == pytest.approx((2 * 1 + 0.5 * 4) / 2)
+    assert data_loss(a, b, w, "batch").item() == pytest.approx((2 + 0.5) / 2 * (1 + 4) / 2)  # mean_b(w) x mean MSE
+    assert data_loss(a, b, w).item() == data_loss(a, b, w, "batch").item()  # the released form is the default
+    with pytest.raises(ValueError, match="kl_weighting"):
+        data_loss(a, b, w, "mean")
     assert consistency_loss(a, b, w).item() == pytest.approx((2 * 1 + 0.5 * 4) / 2)

@@ -32,6 +32,9 @@ One concept per module:
 - ``run``           one builder for a training run: settings (named like the flags) -> models, optimizers, step
 - ``outputs``       the final save: LoRA(s), kohya copies, latent statistics, model card
 - ``tracking``      scalars averaged over accumulation and processes for the trackers
+- ``evaluation``    prompt sets, runs (LoRA x mode x steps), resumable sharded generation, reports
+- ``image_metrics`` FID (TorchScript Inception + torchmetrics) and CLIP score, with their protocol
+- ``output_dir``    output folders created only once there is something to write
 - ``testing``       tiny SD1.5-/SD-Turbo-/SDXL-Turbo-shaped pipelines built offline for tests and the demo
 """
 

@@ -297,7 +297,7 @@ def read_cache_info(cache_dir, flag="--teacher_latent_cache"):
 def check_cache(cache_dir, settings):
     """The cache's info if it was made with ``settings`` (see :func:`make_cache_settings`), else a one-line
     LatentCacheError that names what differs and how to fix it."""
-    read_cache_info(cache_dir)  # a cache of this format, or a one-line error
+    info = read_cache_info(cache_dir)
     flag = f"--teacher_latent_cache {cache_dir}"
     if info["teacher"] != settings["teacher"] or info["resolution"] != settings["resolution"]:
         raise LatentCacheError(

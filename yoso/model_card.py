@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .atomic import atomic_path
-from .hub import HUB_NAMES, MODEL_CARD_NAME, latest_validation_grid
+from .output_files import HUB_NAMES, MODEL_CARD_NAME, latest_validation_grid
 from .kohya import KOHYA_WEIGHT_NAME
 from .latent_stats import LATENT_STATS_NAME
 from .lora import LORA_WEIGHT_NAME

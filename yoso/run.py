@@ -85,10 +85,7 @@ class RunSettings:
         return self.pretrained_teacher_model is not None and not self.teacher_latent_cache
 
     def loss_config(self):
-        return YOSOLossConfig(lambda_con=self.lambda_con, lambda_kl=self.lambda_kl, lambda_adv=self.lambda_adv,
-                              snr_gamma=self.snr_gamma, coop_gap=self.coop_gap, consistency_gap=self.consistency_gap,
-                              gan_loss_reduction=self.gan_loss_reduction, kl_weighting=self.kl_weighting,
-                              consistency_loss=self.consistency_loss, kl_loss=self.kl_loss)
+        return YOSOLossConfig(**{f.name: getattr(self, f.name) for f in fields(YOSOLossConfig)})
 
     def learning_rates(self, num_processes):
         """(G's, D's) learning rates; ``--scale_lr`` multiplies both by accumulation x batch x processes."""

@@ -64,11 +64,10 @@ def write_clip_vocab_files(folder):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
 
 
-def _text_encoder(hidden_size, seed, num_layers=2):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_text_config(hidden_size, projection_dim, num_layers):
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -78,9 +77,15 @@ def _text_encoder(hidden_size, seed, num_layers=2):
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
-        projection_dim=hidden_size,
+        projection_dim=projection_dim,
     )
-    return CLIPTextModel(config).eval()
+
+
+def _text_encoder(hidden_size, seed, num_layers=2):
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(_clip_text_config(hidden_size, hidden_size, num_layers)).eval()
 
 
 def make_vae(seed, sample_size, block_out_channels=(8, 16, 16, 16), scaling_factor=0.18215):
@@ -222,22 +227,10 @@ SDXL_VAE_SCALING_FACTOR = 0.13025
 def _text_encoder_with_projection(hidden_size, projection_dim, seed, num_layers=2):
     """SDXL's second text encoder shape: a CLIP text model whose pooled output is projected (the pooled
     embedding SDXL conditions on)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        projection_dim=projection_dim,
-    )
-    return CLIPTextModelWithProjection(config).eval()
+    return CLIPTextModelWithProjection(_clip_text_config(hidden_size, projection_dim, num_layers)).eval()
 
 
 def build_tiny_sdxl_turbo(path, resolution=64, block_out_channels=(32, 64), text_hidden_sizes=(32, 48),
