@@ -212,16 +212,14 @@ def fail(message, code=BAD_INPUT):
 
 def check_summary(args, checked, num_processes):
     """--check_only's one line on success: what the run would train on."""
+    base = f"base {args.pretrained_model_name_or_path}"
     if checked.prompts is None:
-        data = f"images from --{'dataset_name' if args.dataset_name else 'train_data_dir'} {args.dataset_name or args.train_data_dir}"
+        flag = "dataset_name" if args.dataset_name else "train_data_dir"
+        data = f"images from --{flag} {getattr(args, flag)}, {base}"
+    elif args.teacher_latent_cache:
+        data = f"{len(checked.prompts)} prompts, {base}, teacher latents from {args.teacher_latent_cache}"
     else:
-        data = f"{len(checked.prompts)} prompts"
-        if args.teacher_latent_cache:
-            data += f", teacher latents from {args.teacher_latent_cache}"
-        else:
-            data += f", base {args.pretrained_model_name_or_path}, teacher {args.pretrained_teacher_model}"
-    if checked.prompts is None:
-        data += f", base {args.pretrained_model_name_or_path}"
+        data = f"{len(checked.prompts)} prompts, {base}, teacher {args.pretrained_teacher_model}"
     resume = f", resuming {args.resume_from_checkpoint}" if args.resume_from_checkpoint not in (None, "latest") else ""
     processes = f"{num_processes} process" + ("es" if num_processes > 1 else "")
     return f"{PROG}: checks passed ({data}, {processes}{resume}); no model was loaded"

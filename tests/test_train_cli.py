@@ -241,3 +241,63 @@ def test_check_only_validates_everything_and_creates_nothing(tiny_base, tiny_tea
     assert not out.exists()
     # A bad value still fails in one line with --check_only.
     one_line_error(args + ["--resolution", "72"], capsys, "--resolution 72")
+
+
+# ---- library notices (item 12) -----------------------------------------------------------------------------
+
+
+def test_only_the_listed_library_notices_are_dropped(caplog):
+    import logging
+
+    from yoso.library_noise import quiet_library_notices
+
+    quiet_library_notices()
+    quiet_library_notices()  # idempotent
+    transformers_log = logging.getLogger("transformers.utils.import_utils")
+    diffusers_log = logging.getLogger("diffusers.configuration_utils")
+    assert sum(type(f).__name__ == "_DropNotices" for f in transformers_log.filters) == 1
+    messages = {
+        transformers_log: ["`CLIPImageProcessor` requires torchvision (not installed); falling back to `X`",
+                           "transformers: an unrelated warning"],
+        diffusers_log: ["The config attributes {'skip_prk_steps': True} were passed to LCMScheduler, but are not expected "
+                        "and will be ignored.",
+                        "The config attributes {'skip_prk_steps': True, 'foo': 1} were passed to LCMScheduler, but are "
+                        "not expected and will be ignored.",
+                        "diffusers: an unrelated warning"],
+    }
+    for logger, texts in messages.items():
+        logger.propagate, was = True, logger.propagate  # let caplog see what passes the filter
+        try:
+            with caplog.at_level(logging.WARNING, logger=logger.name):
+                for text in texts:
+                    logger.warning(text)
+        finally:
+            logger.propagate = was
+    kept = [record.getMessage() for record in caplog.records]
+    assert kept == [messages[transformers_log][1], *messages[diffusers_log][1:]]
+
+
+def test_too_few_images_for_one_global_batch_exit_2_and_leave_no_output_folder(tiny_base, tmp_path):
+    """An image folder's row count is known only once datasets prepares it (when the data opens, after the
+    preflight but before any model loads): the run still stops with the one error line, status 2, no folder."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"red square {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = ["--pretrained_model_name_or_path", tiny_base, "--train_data_dir", folder, "--resolution", "64",
+            "--output_dir", out, "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none",
+            "--cache_dir", tmp_path / "datasets_cache"]
+    result = subprocess.run([sys.executable, str(REPO / "train_yoso_lora.py"), *map(str, args)], capture_output=True,
+                            text=True, timeout=180, cwd=REPO, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines[-1] == (f"train_yoso_lora.py: error: --train_data_dir {folder} holds 3 samples, fewer than one global "
+                         "batch (4 x 1 processes): lower --train_batch_size or add images")
+    assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
+    assert not out.exists()
