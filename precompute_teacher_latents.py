@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Precompute the teacher's latents once, for ``train_yoso_lora.py --teacher_latent_cache``.
+"""Precompute the teacher's latents (or the base VAE's latents of images) once, for
+``train_yoso_lora.py --teacher_latent_cache``.
 
     accelerate launch precompute_teacher_latents.py --pretrained_teacher_model stabilityai/sd-turbo \
         --train_data train_anno.jsonl --resolution 512 --seed 0 --num_epochs 1 --output_dir teacher_cache
@@ -13,6 +14,20 @@ teacher settings, seed or prompts differ; another batch size or precision only w
 in the base model's latent space: a teacher in another one (SDXL-Turbo) is transcoded (yoso/latent_space.py).
 Several processes split the shards between them; rerunning skips finished shards (resumes an interrupted run,
 or extends a cache to more epochs). The layout is in yoso/latent_cache.py.
+
+With images (--train_data_dir or --dataset_name, map-style: an imagefolder with a metadata.jsonl, a hub or local
+dataset without --streaming) it writes the base VAE's latents of the images instead, with their captions:
+
+    accelerate launch precompute_teacher_latents.py --train_data_dir images --resolution 512 --random_flip \
+        --seed 0 --train_batch_size 16 --num_epochs 2 --output_dir image_cache
+
+Use the training run's data flags (--train_data_dir / --dataset_name / --dataset_config_name / --image_column /
+--caption_column / --max_train_samples), --center_crop / --random_flip, --resolution, --seed,
+--pretrained_model_name_or_path, --train_batch_size and --mixed_precision: the latent at position p of epoch e is
+the one training computes for that slot (the same crop, flip, caption choice and VAE noise of (seed, e, id)), so
+``train_yoso_lora.py --train_data_dir images ... --teacher_latent_cache image_cache`` trains exactly as on the fly
+without reading, decoding or encoding an image. The --teacher_* flags do not apply. Streamed data (tar shards,
+--streaming) is refused: a cache needs an epoch order it can index.
 """
 
 import argparse
@@ -20,7 +35,8 @@ import sys
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Precompute teacher latents for train_yoso_lora.py --teacher_latent_cache.")
+    p = argparse.ArgumentParser(description="Precompute teacher latents (or the base VAE's latents of images) for "
+                                            "train_yoso_lora.py --teacher_latent_cache.")
     p.add_argument("--pretrained_teacher_model", default="stabilityai/sd-turbo")
     p.add_argument("--pretrained_model_name_or_path", default="runwayml/stable-diffusion-v1-5",
                    help="The training run's base model: its VAE defines the latent space the cache holds.")
@@ -33,9 +49,22 @@ def parse_args(argv=None):
                    help="Decode the teacher's latents by its VAE and re-encode them by the base's: auto (when the two "
                         "VAE configs differ, e.g. SDXL-Turbo), always, or never.")
     p.add_argument("--cache_dir", default=None, help="Where downloaded models are cached.")
-    p.add_argument("--train_data", default="train_anno.jsonl")
-    p.add_argument("--caption_column", default="prompt")
-    p.add_argument("--max_train_samples", type=int, default=None)
+    p.add_argument("--train_data", default="train_anno.jsonl", help="Prompt file (the teacher's latents of its prompts).")
+    p.add_argument("--caption_column", default=None,
+                   help="Text field: in --train_data (default 'prompt'), in an image dataset (default 'text').")
+    p.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N prompts or images.")
+    # Images instead of prompts: the base VAE's latents (train_yoso_lora.py's flags, the same meaning)
+    p.add_argument("--train_data_dir", default=None,
+                   help="Cache the base VAE's latents of these images: a folder with a metadata.jsonl (imagefolder).")
+    p.add_argument("--dataset_name", default=None,
+                   help="Cache the base VAE's latents of a hub dataset or local folder read by `datasets`.")
+    p.add_argument("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
+    p.add_argument("--image_column", default="image", help="Image column of the dataset.")
+    p.add_argument("--center_crop", action="store_true", help="Crop images at the centre (default: a random crop).")
+    p.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    p.add_argument("--streaming", action="store_true", help="Refused: streamed data cannot be cached.")
+    p.add_argument("--shuffle_buffer_size", type=int, default=1000, help="(Streamed data only: refused.)")
+    p.add_argument("--dataloader_num_workers", type=int, default=0, help="Threads that decode images.")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--teacher_num_inference_steps", type=int, default=1)
     p.add_argument("--teacher_guidance_scale", type=float, default=0.0)
@@ -45,10 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_epochs", type=int, default=1, help="Epochs of latents; training cycles through them.")
     p.add_argument("--shard_size", type=int, default=4096,
-                   help="Prompts per shard file (rounded down to a multiple of --train_batch_size).")
+                   help="Prompts or images per shard file (rounded down to a multiple of --train_batch_size).")
     p.add_argument("--train_batch_size", type=int, default=16,
-                   help="Prompts per teacher call: the training run's --train_batch_size makes the cached latents "
-                        "bit-identical to on-the-fly ones (any other value: equal up to rounding).")
+                   help="Prompts per teacher call, or images per VAE call: the training run's --train_batch_size "
+                        "makes the cached latents bit-identical to on-the-fly ones (any other value: equal up to rounding).")
     return p.parse_args(argv)
 
 
@@ -58,33 +87,50 @@ def refuse(error):
     sys.exit(2)
 
 
+def check_existing_cache(args, settings):
+    """An --output_dir holding a cache made with other settings is refused; one with more epochs keeps them."""
+    from yoso.checks import ArgumentError
+    from yoso.latent_cache import LatentCacheError, read_cache_info, settings_differ
+
+    try:
+        existing = read_cache_info(args.output_dir, flag="--output_dir")
+    except LatentCacheError:
+        return
+    if settings_differ(existing, settings) or existing["shard_size"] != args.shard_size \
+            or existing["batch_size"] != args.train_batch_size:
+        raise ArgumentError(f"--output_dir {args.output_dir} holds a cache made with other settings; "
+                            "use an empty --output_dir for a new cache")
+    args.num_epochs = max(args.num_epochs, existing["num_epochs"])  # extending never shrinks a cache
+
+
+def check_sizes(args):
+    from yoso.checks import ArgumentError
+
+    if args.num_epochs < 1 or args.shard_size < 1 or args.train_batch_size < 1:
+        raise ArgumentError("--num_epochs, --shard_size and --train_batch_size must be at least 1")
+    args.shard_size = max(args.shard_size // args.train_batch_size, 1) * args.train_batch_size
+
+
 def main(argv=None):
     args = parse_args(argv)
+    from yoso.image_data import uses_image_data
+
+    if uses_image_data(args):
+        return main_images(args)
     from yoso.checks import ArgumentError
     from yoso.data import PromptFileError, read_prompts
-    from yoso.latent_cache import ROUTE_DEFAULTS, LatentCacheError, make_cache_settings, read_cache_info
+    from yoso.image_data import resolve_caption_column
+    from yoso.latent_cache import LatentCacheError, make_cache_settings
     from yoso.latent_space import teacher_latent_plan
 
     try:
-        if args.num_epochs < 1 or args.shard_size < 1 or args.train_batch_size < 1:
-            raise ArgumentError("--num_epochs, --shard_size and --train_batch_size must be at least 1")
-        args.shard_size = max(args.shard_size // args.train_batch_size, 1) * args.train_batch_size
-        prompts = read_prompts(args.train_data, args.caption_column, args.max_train_samples)
+        check_sizes(args)
+        prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples)
         plan = teacher_latent_plan(args)
         settings = make_cache_settings(args.pretrained_teacher_model, args.resolution, plan.latent_shape,
                                        args.teacher_num_inference_steps, args.teacher_guidance_scale, args.seed, prompts,
                                        plan.transcode, args.teacher_vae, args.pretrained_model_name_or_path)
-        try:
-            existing = read_cache_info(args.output_dir, flag="--output_dir")
-        except LatentCacheError:
-            existing = None
-        if existing is not None and (any(existing.get(k, ROUTE_DEFAULTS.get(k)) != v for k, v in settings.items())
-                                     or existing["shard_size"] != args.shard_size
-                                     or existing["batch_size"] != args.train_batch_size):
-            raise ArgumentError(f"--output_dir {args.output_dir} holds a cache made with other settings; "
-                                "use an empty --output_dir for a new cache")
-        if existing is not None and existing["num_epochs"] > args.num_epochs:
-            args.num_epochs = existing["num_epochs"]  # extending never shrinks a cache
+        check_existing_cache(args, settings)
     except (ArgumentError, PromptFileError, LatentCacheError) as error:
         refuse(error)
 
@@ -92,7 +138,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from yoso.latent_cache import LatentCacheError, num_shards, precompute_latents, text_dtype, write_cache_info
+    from yoso.latent_cache import num_shards, precompute_latents, text_dtype, write_cache_info
     from yoso.teacher import load_teacher_latents
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -129,6 +175,89 @@ def main(argv=None):
               f"{info['dtype']} latents {tuple(info['latent_shape'])})")
     accelerator.wait_for_everyone()
     del latent_source
+    accelerator.end_training()
+
+
+def main_images(args):
+    """The base VAE's latents of map-style image data (yoso/latent_cache.py, "Image caches")."""
+    from yoso.checks import ArgumentError
+    from yoso.image_data import ImageDataError, check_image_data
+    from yoso.latent_cache import LatentCacheError, image_latent_shape, make_image_cache_settings, \
+        refuse_streamed_image_data
+
+    try:
+        check_sizes(args)
+        refuse_streamed_image_data(args)
+        check_image_data(args)  # flags and columns, from the dataset's features or first record
+        settings = make_image_cache_settings(args, image_latent_shape(args))
+        check_existing_cache(args, settings)
+    except (ArgumentError, ImageDataError, LatentCacheError) as error:
+        refuse(error)
+
+    from argparse import Namespace
+
+    import torch
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    from yoso.image_data import open_image_source
+    from yoso.latent_cache import num_shards, precompute_image_latents, write_cache_info
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    def open_source(batch_size):
+        # Every process sees all of the data, as one process of batch_size would: the cache's rows are positions.
+        return open_image_source(Namespace(**{**vars(args), "train_batch_size": batch_size}), rank=0, world_size=1)
+
+    try:
+        with accelerator.main_process_first():  # datasets prepares its cache once
+            sources = {args.train_batch_size: open_source(args.train_batch_size)}
+        settings["num_samples"] = sources[args.train_batch_size].num_samples
+        check_existing_cache(args, settings)
+    except (ArgumentError, ImageDataError) as error:
+        refuse(error)
+    # Training runs the frozen VAE in the weight dtype, outside autocast: the same here.
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                        variant=args.variant, cache_dir=args.cache_dir)
+    vae.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+
+    count = settings["num_samples"]
+    per_epoch = num_shards(count, args.shard_size)
+    work = [(e, s) for e in range(args.num_epochs) for s in range(per_epoch)][accelerator.process_index::accelerator.num_processes]
+    bar = tqdm(total=sum(min(args.shard_size, count - s * args.shard_size) for _, s in work), unit="image",
+               disable=not accelerator.is_local_main_process,
+               desc=f"image latents ({per_epoch * args.num_epochs} shards, {accelerator.num_processes} processes)")
+    def source_of(batch_size):
+        if batch_size not in sources:
+            sources[batch_size] = open_source(batch_size)
+        return sources[batch_size]
+
+    try:
+        precompute_image_latents(args.output_dir, vae, source_of, settings, args.num_epochs, args.shard_size, args.train_batch_size,
+                                 accelerator.process_index, accelerator.num_processes, progress=bar.update)
+    except (LatentCacheError, ImageDataError) as error:
+        refuse(error)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from safetensors import safe_open
+
+        from yoso.latent_cache import shard_file_name
+
+        info = write_cache_info(args.output_dir, settings, args.num_epochs, args.shard_size, args.train_batch_size,
+                                torch.float32, torch.float32, accelerator.mixed_precision)
+        replaced = 0
+        for epoch in range(info["num_epochs"]):
+            for shard in range(per_epoch):
+                with safe_open(f"{args.output_dir}/{shard_file_name(epoch, shard)}", framework="pt") as f:
+                    replaced += int((f.get_tensor("indices") != f.get_tensor("sample_ids")).sum())
+        print(f"image-latent cache: {args.output_dir} ({count} images x {info['num_epochs']} epochs, {info['dtype']} "
+              f"latents {tuple(info['latent_shape'])}; {replaced} slots hold the next readable image in place of an "
+              "unreadable one)")
+    accelerator.wait_for_everyone()
+    del vae
     accelerator.end_training()
 
 

@@ -415,3 +415,285 @@ def test_a_run_on_another_latent_route_is_refused_in_one_line(sdxl_cache, small_
     assert check_cache(legacy, raw_settings)["num_prompts"] == 13
     with pytest.raises(LatentCacheError, match="holds the teacher's own latents"):
         check_cache(legacy, transcoding)
+
+
+# ---- image caches: the base VAE's latents of an imagefolder (precompute_teacher_latents.py --train_data_dir) ----
+
+NUM_IMAGES = 11  # 8 positions in shard 0, 3 in shard 1: the remainder is encoded one position at a time
+CORRUPT_ROW = 5  # its slot takes the next readable image of the epoch's order, on the fly and in the cache
+IMAGE_CAPTIONS = ["a red square", "a blue circle", "a green line", "a yellow dot"]
+
+
+def write_image_folder(folder, captions=None):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = captions or [f"{IMAGE_CAPTIONS[i % 4]}, number {i}" for i in range(NUM_IMAGES)]
+    with open(folder / "metadata.jsonl", "w") as handle:
+        for i, caption in enumerate(captions):
+            path = folder / f"{i:03d}.png"
+            if i == CORRUPT_ROW:
+                path.write_bytes(b"\x89PNG truncated")
+            else:  # not square: resize and crop do work
+                Image.fromarray((np.random.default_rng(i).random((80, 72, 3)) * 255).astype(np.uint8)).save(path)
+            handle.write(json.dumps({"file_name": path.name, "text": caption}) + "\n")
+    return folder
+
+
+def image_cache_args(base, folder, output_dir, **extra):
+    args = ["--pretrained_model_name_or_path", base, "--train_data_dir", folder, "--resolution", "64", "--random_flip",
+            "--seed", "0", "--train_batch_size", "4", "--shard_size", "8", "--num_epochs", "2", "--output_dir", output_dir]
+    for key, value in extra.items():
+        args += [f"--{key}"] + ([] if value is True else [str(value)])
+    return [str(a) for a in args]
+
+
+def image_train_args(base, folder, output_dir, steps, random_flip=True, **extra):
+    """train_yoso_lora.py on the image folder (no teacher: it is neither checked nor loaded)."""
+    flip = {"random_flip": True} if random_flip else {}
+    args = tiny_train_args(base, "./no/teacher/needed", "unused.jsonl", output_dir, steps=steps, report_to="none",
+                           **flip, **extra)
+    i = args.index("--train_data")
+    return [str(a) for a in args[:i] + args[i + 2:] + ["--train_data_dir", folder]]
+
+
+@pytest.fixture(scope="module")
+def image_cache(tiny_base, tmp_path_factory):
+    """precompute_teacher_latents.py on an 11-image folder: 2 epochs, shards of 8, VAE batches of 4. Launched like
+    the training runs it is compared with (CPU kernels may round differently with another thread count)."""
+    root = tmp_path_factory.mktemp("image_cache")
+    folder = write_image_folder(root / "images")
+    result = launch(image_cache_args(tiny_base, folder, root / "cache"), script="precompute_teacher_latents.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 slots hold the next readable image in place of an unreadable one" in result.stdout
+    return root / "cache", folder
+
+
+def image_source(base, folder, batch_size=4, world_size=1, rank=0, **extra):
+    """The on-the-fly training's image source for these flags (what train_yoso_lora.py opens)."""
+    from train_yoso_lora import parse_args
+    from yoso.image_data import open_image_source
+
+    args = parse_args(image_train_args(base, folder, "unused", steps=1, train_batch_size=batch_size, **extra))
+    return open_image_source(args, rank=rank, world_size=world_size)
+
+
+def test_image_cache_holds_the_on_the_fly_latents_of_every_slot(image_cache, tiny_base):
+    from diffusers import AutoencoderKL
+
+    from yoso.image_processing import encode_images, latent_generators
+    from yoso.latent_cache import LatentCacheReader, epoch_order, folder_fingerprint
+    from yoso.tar_shards import UnreadableSample
+
+    cache, folder = image_cache
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["kind"] == "images" and info["num_samples"] == NUM_IMAGES and info["num_epochs"] == 2
+    assert info["shards_per_epoch"] == 2 and info["shard_size"] == 8 and info["batch_size"] == 4
+    assert info["latent_shape"] == [4, 8, 8] and info["dtype"] == "float32" and info["mixed_precision"] == "no"
+    assert info["center_crop"] is False and info["random_flip"] is True and info["seed"] == 0
+    assert info["base_vae"] == f"{os.path.realpath(tiny_base)}/vae"
+    assert info["image_data"]["folder_sha256"] == folder_fingerprint(folder) and info["image_data"]["dataset"] is None
+    assert info["image_data"]["caption_column"] == "text" and info["image_data_flag"] == f"--train_data_dir {folder}"
+
+    reader = LatentCacheReader(cache)
+    source = image_source(tiny_base, folder)
+    vae = AutoencoderKL.from_pretrained(tiny_base, subfolder="vae")
+    for epoch in (0, 1):
+        order = epoch_order(NUM_IMAGES, 0, epoch).tolist()
+        used = reader.sample_ids(epoch, order)
+        # Every slot holds its own row, but the corrupt image's slot holds the next readable row of the order.
+        bad = order.index(CORRUPT_ROW)
+        assert [p for p in range(NUM_IMAGES) if used[p] != order[p]] == [bad]
+        assert used[bad] == (order[bad + 1] if bad + 1 < NUM_IMAGES else order[bad - 1])
+        with pytest.raises(UnreadableSample):
+            source.load_sample(CORRUPT_ROW, epoch)
+        cached, captions = reader.latents(epoch, order), reader.prompts(epoch, order)
+        for position, row in enumerate(used):
+            sample = source.load_sample(row, epoch)  # crop, flip and caption of (seed, epoch, row)
+            expected = encode_images(vae, sample.pixel_values[None], latent_generators(0, epoch, [row]))
+            assert rel(cached[position:position + 1], expected) <= TOL, (epoch, position)
+            assert captions[position] == sample.caption == f"{IMAGE_CAPTIONS[row % 4]}, number {row}"
+    assert not torch.equal(reader.latents(0, [1]), reader.latents(1, [1]))  # another crop, flip and noise each epoch
+
+
+def take_batches(data, models, n, start_batch=0):
+    return [batch for _, batch in zip(range(n), data.batches(models, start_batch))]
+
+
+def test_cached_image_batches_equal_the_on_the_fly_ones_for_any_ranks_and_resume(image_cache, tiny_base):
+    """yoso.training_data: CachedImageData (no VAE at all) yields the batches ImageData computes from the images."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from yoso.latent_cache import LatentCacheReader
+    from yoso.training_data import CachedImageData, ImageData
+
+    cache, folder = image_cache
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_base, subfolder="tokenizer")
+    on_the_fly = SimpleNamespace(tokenizer=tokenizer, vae=AutoencoderKL.from_pretrained(tiny_base, subfolder="vae"))
+    cached_models = SimpleNamespace(tokenizer=tokenizer, vae=None)  # a cached run never touches the VAE
+    reader = LatentCacheReader(cache)
+    for world_size, batch_size in ((1, 4), (2, 2)):
+        skipped = 0
+        for rank in range(world_size):
+            live = ImageData(image_source(tiny_base, folder, batch_size, world_size, rank), seed=0)
+            cached = CachedImageData(NUM_IMAGES, batch_size, world_size, rank, 0, cache)
+            cached.latent_cache = reader
+            assert cached.batches_per_epoch == live.batches_per_epoch == 2
+            expected = take_batches(live, on_the_fly, 4)  # 2 epochs
+            got = take_batches(cached, cached_models, 4)
+            assert [b["epoch"] for b in got] == [0, 0, 1, 1]
+            for a, b in zip(got, expected):
+                assert a["indices"] == b["indices"] and a["prompts"] == b["prompts"] and a["epoch"] == b["epoch"]
+                assert torch.equal(a["input_ids"], b["input_ids"])
+                assert rel(a["latents"], b["latents"]) <= TOL
+            assert cached.skipped == live.skipped  # the corrupt image counts alike
+            skipped += cached.skipped
+            # Resuming after 3 batches yields the tail of the uninterrupted sequence.
+            tail = CachedImageData(NUM_IMAGES, batch_size, world_size, rank, 0, cache)
+            tail.latent_cache = reader
+            resumed = take_batches(tail, cached_models, 1, start_batch=3)[0]
+            assert resumed["indices"] == got[3]["indices"] and torch.equal(resumed["latents"], got[3]["latents"])
+        assert skipped == 1  # epoch 0 puts the corrupt row in a slot (epoch 1 in its unused remainder)
+
+
+def test_image_cache_refusals_name_what_differs_in_one_line(image_cache, small_cache, tiny_base, tiny_teacher, tmp_path,
+                                                           capsys):
+    import precompute_teacher_latents
+    from train_yoso_lora import parse_args
+    from yoso.latent_cache import LatentCacheError, check_cache_for_run
+
+    cache, folder = image_cache
+
+    def check(data=folder, teacher_latent_cache=cache, **extra):
+        args = parse_args(image_train_args(tiny_base, data, tmp_path / "out", steps=1,
+                                           teacher_latent_cache=teacher_latent_cache, **extra))
+        return check_cache_for_run(args, None, None)  # as main calls it for an image run (no prompts, no teacher)
+
+    assert check()["num_samples"] == NUM_IMAGES
+    assert check(data=shutil.copytree(folder, tmp_path / "moved"))["num_samples"] == NUM_IMAGES  # same data elsewhere
+    edited = write_image_folder(tmp_path / "edited", [f"caption {i}" for i in range(NUM_IMAGES)])
+    tar_folder = tmp_path / "shards"
+    tar_folder.mkdir()
+    shutil.make_archive(str(tar_folder / "00000"), "tar", root_dir=folder, base_dir="000.png")
+    flag = f"--teacher_latent_cache {cache}"
+    cases = {
+        "resolution": (dict(resolution=128), f"{flag} was made with --resolution 64 and latent shape [4, 8, 8], this run "
+                                             "asks for --resolution 128 and latent shape [4, 16, 16]: "),
+        "crop": (dict(center_crop=True), f"{flag} was made with --center_crop off, this run asks for --center_crop on: "),
+        "flip": (dict(random_flip=False), f"{flag} was made with --random_flip on, this run asks for --random_flip off: "),
+        "seed and subset": (dict(seed=1, max_train_samples=10),
+                            f"{flag} was made with --max_train_samples None and --seed 0, this run asks for "
+                            "--max_train_samples 10 and --seed 1: "),
+        "data": (dict(data=edited), f"{flag} was made from --train_data_dir {folder}, this run reads --train_data_dir "
+                                    f"{edited}: "),
+        "base VAE": (dict(pretrained_model_name_or_path=tiny_teacher),
+                     f"{flag} holds latents encoded by {os.path.realpath(tiny_base)}/vae, this run's base VAE is "
+                     f"{os.path.realpath(tiny_teacher)}/vae (--pretrained_model_name_or_path): "),
+        "teacher cache": (dict(teacher_latent_cache=small_cache[0]),
+                          f"--teacher_latent_cache {small_cache[0]} holds the teacher's latents of 13 prompts, this run "
+                          f"trains on the images of --train_data_dir {folder}: precompute their latents with "
+                          f"precompute_teacher_latents.py --train_data_dir {folder}, or drop --teacher_latent_cache"),
+        "streamed": (dict(data=tar_folder), f"{flag}: --train_data_dir {tar_folder} (tar shards) is streamed, and a "
+                                            "latent cache needs map-style data"),
+    }
+    for name, (changes, expected) in cases.items():
+        if name == "base VAE":
+            changes = dict(changes)
+            base = changes.pop("pretrained_model_name_or_path")
+            args = parse_args(image_train_args(tiny_base, folder, tmp_path / "out", steps=1, teacher_latent_cache=cache))
+            args.pretrained_model_name_or_path = base
+            call = lambda: check_cache_for_run(args, None, None)  # noqa: E731
+        else:
+            call = lambda: check(**changes)  # noqa: E731
+        with pytest.raises(LatentCacheError) as error:
+            call()
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(expected), (name, message)
+
+    # train_yoso_lora.py: an image cache for a prompt run, and for an image run with other flags, stop it in one
+    # line before anything is written.
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
+    message = run_main(tiny_train_args(tiny_base, tiny_teacher, prompts, tmp_path / "a", teacher_latent_cache=cache))
+    assert message == (f"train_yoso_lora.py: error: {flag} holds base-VAE latents of the images of --train_data_dir "
+                       f"{folder}, this run trains on prompts through the teacher: give --train_data_dir {folder} to "
+                       "train on those images, or rebuild it with precompute_teacher_latents.py from --train_data")
+    message = run_main(image_train_args(tiny_base, folder, tmp_path / "b", steps=1, teacher_latent_cache=cache,
+                                        center_crop=True))
+    assert message == (f"train_yoso_lora.py: error: {flag} was made with --center_crop off, this run asks for "
+                       "--center_crop on: rebuild it with precompute_teacher_latents.py")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    # precompute_teacher_latents.py: streamed data, and a cache of other settings in --output_dir, exit 2 in one line.
+    capsys.readouterr()
+    for argv, expected in (
+            (image_cache_args(tiny_base, tar_folder, tmp_path / "c"),
+             f"error: --train_data_dir {tar_folder} (tar shards) is streamed, and a latent cache needs map-style data"),
+            (image_cache_args(tiny_base, folder, cache, center_crop=True),
+             f"error: --output_dir {cache} holds a cache made with other settings; use an empty --output_dir")):
+        with pytest.raises(SystemExit) as exit_info:
+            precompute_teacher_latents.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "\n" not in err and expected in err, err
+    assert not (tmp_path / "c").exists()
+
+
+# ---- image caches end to end: 2 precompute processes, training from the cache equals training on the images ----
+
+IMAGE_STEPS = 4  # 11 images / batch 4 = 2 batches an epoch: the runs cross into epoch 1
+
+
+def test_two_processes_precompute_the_same_image_cache(image_cache, tiny_base, tmp_path):
+    """Each process takes every other shard (2 have whole VAE batches, 2 only the epoch's remainder)."""
+    cache, folder = image_cache
+    split = tmp_path / "split"
+    result = launch(image_cache_args(tiny_base, folder, split), num_processes=2, script="precompute_teacher_latents.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in cache.glob("latents-*.safetensors"))
+    assert sorted(p.name for p in split.glob("latents-*.safetensors")) == names and len(names) == 4
+    for name in names:
+        a, b = load_file(cache / name), load_file(split / name)
+        assert a.keys() == b.keys() == {"latents", "indices", "sample_ids", "prompt_bytes", "prompt_offsets"}
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    made, again = (json.loads((c / "cache_info.json").read_text()) for c in (cache, split))
+    assert made == again
+
+
+def test_training_from_the_image_cache_equals_training_on_the_images(image_cache, tiny_base, tmp_path):
+    cache, folder = image_cache
+    runs = {}
+    for mode, extra in (("images", {}), ("cache", {"teacher_latent_cache": cache})):
+        out = tmp_path / mode
+        result = launch(image_train_args(tiny_base, folder, out, IMAGE_STEPS, use_ema=True, ema_decay=0.5,
+                                         checkpointing_steps=2, **extra), dump=tmp_path / f"dump_{mode}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = result.stderr
+    assert "no image is read, decoded or VAE-encoded" in runs["cache"] and "unreadable sample" not in runs["cache"]
+    assert "unreadable sample skipped" in runs["images"]
+    skipped = [line.split(" - ")[-1] for line in runs["images"].splitlines() if "unreadable images skipped" in line]
+    assert len(skipped) == 1 and skipped[0] in runs["cache"]  # the same count, from the cache's sample ids
+    seen = [json.loads((tmp_path / f"dump_{mode}" / "rank0_indices.json").read_text()) for mode in ("images", "cache")]
+    assert seen[0] == seen[1] and len(seen[0]) == IMAGE_STEPS
+    for name in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors",
+                 "latent_stats.safetensors"):
+        assert max_diff(load_file(tmp_path / "cache" / name), load_file(tmp_path / "images" / name)) <= TOL, name
+    assert max_diff(load_file(tmp_path / "dump_cache" / "rank0.safetensors"),
+                    load_file(tmp_path / "dump_images" / "rank0.safetensors")) <= TOL
+    assert load_file(tmp_path / "cache" / "latent_stats.safetensors")["count"].item() == 4 * IMAGE_STEPS
+
+    # Resuming the cached run from its checkpoint-2 (epoch 1 next) gives the uninterrupted result.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "cache" / "checkpoint-2", resumed / "checkpoint-2")
+    result = launch(image_train_args(tiny_base, folder, resumed, IMAGE_STEPS, use_ema=True, ema_decay=0.5,
+                                     checkpointing_steps=100, resume_from_checkpoint="latest", teacher_latent_cache=cache),
+                    dump=tmp_path / "dump_resumed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    for name in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors",
+                 "latent_stats.safetensors"):
+        assert max_diff(load_file(resumed / name), load_file(tmp_path / "cache" / name)) <= TOL, name
+    assert json.loads((tmp_path / "dump_resumed" / "rank0_indices.json").read_text()) == seen[1][2:]

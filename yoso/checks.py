@@ -234,10 +234,7 @@ def preflight(args):
         raise ArgumentError("give --max_train_steps or --num_train_epochs")
     checkpoint = resolve_resume(args)
     images = uses_image_data(args)
-    if images:
-        if args.teacher_latent_cache:
-            raise ArgumentError("--teacher_latent_cache with image data (--dataset_name / --train_data_dir): the images "
-                                "replace the teacher; drop one of them")
+    if images:  # with --teacher_latent_cache, an image cache of this data (check_cache_for_run)
         check_image_data(args)  # its row count is checked when the data opens (unknown until datasets prepares it)
         prompts = None
     else:

@@ -140,4 +140,6 @@ def encode_images(vae, pixel_values, generators):
     noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g, dtype=torch.float32) for g in generators])
     latents = mean + std * noise.to(mean.device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    # Contiguous: the VAE's kernels may hand back another memory layout (channels-last on CPU), and the UNet's
+    # convolutions would then round differently than for the same x0 read from a latent cache.
+    return ((latents - shift) * vae.config.scaling_factor).contiguous()
