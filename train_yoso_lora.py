@@ -216,6 +216,8 @@ def check_summary(args, checked, num_processes):
     if checked.prompts is None:
         flag = "dataset_name" if args.dataset_name else "train_data_dir"
         data = f"images from --{flag} {getattr(args, flag)}, {base}"
+        if args.teacher_latent_cache:
+            data += f", their latents from {args.teacher_latent_cache}"
     elif args.teacher_latent_cache:
         data = f"{len(checked.prompts)} prompts, {base}, teacher latents from {args.teacher_latent_cache}"
     else:
