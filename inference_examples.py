@@ -161,8 +161,10 @@ def main(argv=None):
 
     from yoso.inference import InferenceError
     from yoso.latent_stats import LatentStatsError
+    from yoso.library_noise import quiet_library_notices
     from yoso.output_dir import OutputDirError
 
+    quiet_library_notices()
     try:
         return run(args, prompts)
     except (InferenceError, LatentStatsError, OutputDirError) as exc:

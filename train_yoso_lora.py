@@ -12,6 +12,7 @@ import argparse
 import gc
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from yoso.checkpoint import latest_checkpoint
 from yoso.data import PromptFileError
 from yoso.image_data import ImageDataError
 from yoso.latent_cache import LatentCacheError, check_cache_for_run
+from yoso.library_noise import quiet_library_notices
 from yoso.lora import DEFAULT_TARGET_MODULES, LORA_INITS
 from yoso.losses import GAN_REDUCTIONS, KL_WEIGHTINGS, LOSS_SPACES
 from yoso.precision import fp16_error
@@ -30,8 +32,34 @@ from yoso.step import NonFiniteLossError
 logger = logging.getLogger("train_yoso_lora")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a YOSO-LoRA (one/two-step SD1.5) with a self-cooperative diffusion GAN.")
+PROG = "train_yoso_lora.py"
+BAD_INPUT, FAILED = 2, 1  # exit statuses: bad input (argparse's convention), a failure during the work
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help with its default, unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if re.search(r"\(default\b|\bdefault:", action.help or "", flags=re.IGNORECASE):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other bad-input error of the script, with exit status 2."""
+
+    def error(self, message):
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def split_commas(values):
+    """``["to_q,to_k", "to_v"]`` -> ``["to_q", "to_k", "to_v"]``: diffusers' LoRA scripts take commas, argparse spaces."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def build_parser():
+    p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter,
+                           description="Train a YOSO-LoRA (one/two-step SD1.5) with a self-cooperative diffusion GAN.")
     # Models
     p.add_argument("--pretrained_model_name_or_path", default="runwayml/stable-diffusion-v1-5",
                    help="Base model (SD1.5 family): a diffusers folder or hub id. The LoRA is trained on its UNet.")
@@ -44,38 +72,41 @@ def parse_args(argv=None):
     p.add_argument("--teacher_latent_transcode", default="auto", choices=["auto", "always", "never"],
                    help="Decode the teacher's latents with its VAE and re-encode them with the base's: 'auto' when the two "
                         "VAEs' configs differ (SDXL-Turbo for SD1.5), 'always', or 'never'.")
-    p.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
-    p.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
-    p.add_argument("--cache_dir", default=None, help="Where downloaded models are cached.")
+    p.add_argument("--revision", default=None, help="Revision of the base model on the Hub (default: the main branch).")
+    p.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16 (default: the full-precision files).")
+    p.add_argument("--cache_dir", default=None, help="Where downloaded models are cached (default: the Hub cache, ~/.cache/huggingface).")
     p.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
-                   help="Override the base scheduler's prediction_type (SD1.5: epsilon).")
+                   help="Override the base scheduler's prediction_type (default: the base scheduler's; SD1.5: epsilon).")
     # Data
     p.add_argument("--train_data", default="train_anno.jsonl",
-                   help="Prompt file: .jsonl (text in --caption_column) or .txt (one prompt a line); see prepare_journeydb.py.")
+                   help="Prompt file: .jsonl (an object a line, text in --caption_column), .json (a list of such objects "
+                        "or of strings) or .txt (one prompt a line); see prepare_journeydb.py.")
     p.add_argument("--caption_column", default=None,
                    help="Field with the text: in a .jsonl --train_data (default 'prompt'), in an image dataset (default "
                         "'text'), in tar shards (a member extension or .json field, default 'txt').")
     p.add_argument("--dataset_name", default=None,
                    help="Train on images with captions instead of the teacher: a hub dataset or a local folder read by "
-                        "`datasets` (the base VAE encodes the images).")
-    p.add_argument("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
+                        "`datasets` (the base VAE encodes the images). Default: none, train on --train_data's prompts.")
+    p.add_argument("--dataset_config_name", default=None, help="The dataset's configuration, if it has several (default: its only one).")
     p.add_argument("--train_data_dir", default=None,
                    help="Train on images with captions: a folder of images with a metadata.jsonl (datasets' imagefolder; "
-                        "prepare_journeydb.py --image_root writes one), or of webdataset .tar shards (streamed).")
+                        "prepare_journeydb.py --image_root writes one), or of webdataset .tar shards (streamed). "
+                        "Default: none, train on --train_data's prompts.")
     p.add_argument("--image_column", default="image", help="Image column of the dataset (tar shards: 'image' = the first image member).")
     p.add_argument("--center_crop", action="store_true", help="Crop images at the centre (default: a random crop).")
-    p.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    p.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it first.")
+    p.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (default: never).")
+    p.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it first (default: download).")
     p.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Samples in the shuffle buffer of a streamed dataset.")
-    p.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N prompts.")
+    p.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N prompts or samples (default: all).")
     p.add_argument("--resolution", type=int, default=512, help="Image side in pixels (SD1.5: a multiple of 64).")
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes that tokenize prompts.")
     # Teacher
-    p.add_argument("--teacher_num_inference_steps", type=int, default=1)
-    p.add_argument("--teacher_guidance_scale", type=float, default=0.0)
+    p.add_argument("--teacher_num_inference_steps", type=int, default=1, help="Steps the teacher takes per latent (SD-Turbo: 1).")
+    p.add_argument("--teacher_guidance_scale", type=float, default=0.0, help="The teacher's classifier-free guidance (SD-Turbo: 0, none).")
     p.add_argument("--teacher_latent_cache", default=None, metavar="DIR",
                    help="Train from latents made by precompute_teacher_latents.py (same teacher, resolution, teacher "
-                        "settings, --seed, prompts) instead of running the teacher; epochs past the cache reuse it cyclically.")
+                        "settings, --seed, prompts) instead of running the teacher; epochs past the cache reuse it cyclically. "
+                        "Default: none, the teacher runs.")
     # Method (SPEC sections 2 and 4)
     p.add_argument("--lambda_con", type=float, default=2.0, help="Weight of the latent perceptual consistency loss.")
     p.add_argument("--lambda_kl", type=float, default=0.5, help="Weight of the MSE to the teacher latents.")
@@ -92,73 +123,119 @@ def parse_args(argv=None):
                    help="'lpl': latent perceptual (through the UNet's encoder half); 'mse': in latent space, no feature-net pass.")
     p.add_argument("--kl_loss", default="mse", choices=LOSS_SPACES,
                    help="'mse': the data loss in latent space; 'lpl': through the feature net, like the consistency loss.")
-    p.add_argument("--noise_offset", type=float, default=0.0)
+    p.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (per-channel constant added to the noise); 0: off.")
     p.add_argument("--input_perturbation", type=float, default=0.0,
                    help="Noise x_t with eps + p * fresh noise (x_td and x_tp keep eps), as the released script; 0: off.")
     p.add_argument("--max_nonfinite_steps", type=int, default=20,
                    help="A non-finite D or G loss skips that optimizer's update; this many skipped steps in a row stop the run.")
     # LoRA and EMA
-    p.add_argument("--lora_rank", type=int, default=64)
-    p.add_argument("--lora_alpha", type=float, default=8)
-    p.add_argument("--lora_target_modules", nargs="+", default=list(DEFAULT_TARGET_MODULES))
+    p.add_argument("--lora_rank", type=int, default=64, help="Rank of the LoRA (fixed for a run: a resume must keep it).")
+    p.add_argument("--lora_alpha", type=float, default=8, help="LoRA alpha: the LoRA's scale is alpha / rank.")
+    p.add_argument("--lora_target_modules", nargs="+", default=list(DEFAULT_TARGET_MODULES), metavar="NAME",
+                   help="UNet modules that get a LoRA, by name or dotted name suffix, separated by spaces or commas "
+                        "(to_q,to_k,to_v,to_out.0).")
     p.add_argument("--init_lora_weights", default="default", choices=LORA_INITS,
                    help="'default': peft's (A Kaiming-uniform, B zero), as the released script; 'gaussian': diffusers' examples'.")
     p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the LoRA; it becomes the final LoRA.")
-    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the LoRA's EMA, per optimizer step.")
     # Optimization
-    p.add_argument("--output_dir", default="yoso-lora-output")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="yoso-lora-output", help="Where the LoRA, checkpoints, validation images and logs go.")
+    p.add_argument("--seed", type=int, default=0, help="Seeds the LoRA's and D's initial values, the data order and every step's noise.")
     p.add_argument("--train_batch_size", type=int, default=16, help="Prompts per process per micro-step.")
-    p.add_argument("--num_train_epochs", type=int, default=None)
-    p.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--learning_rate", type=float, default=2e-5)
-    p.add_argument("--discriminator_learning_rate", type=float, default=None, help="Default: --learning_rate.")
+    p.add_argument("--num_train_epochs", type=int, default=None, help="Epochs over the data; give it or --max_train_steps (default: none).")
+    p.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs (default: none).")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the UNet's and D's activations in the backward pass: less memory, more compute (default: off).")
+    p.add_argument("--learning_rate", type=float, default=2e-5, help="Learning rate of the LoRA.")
+    p.add_argument("--discriminator_learning_rate", type=float, default=None, help="Learning rate of D (default: --learning_rate).")
     p.add_argument("--scale_lr", action="store_true", help="Multiply learning rates by accumulation x batch x processes.")
     p.add_argument("--lr_scheduler", default="constant",
-                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+                   help="Schedule of the LoRA's learning rate (D's stays constant).")
     p.add_argument("--lr_warmup_steps", type=int, default=500,
                    help="Warm-up steps of the *_with_warmup, linear, cosine and polynomial schedules (the constant schedule has none).")
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for the LoRA and D (CUDA).")
-    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1 of the LoRA's optimizer (D's is 0).")
+    p.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2 of both optimizers.")
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay of both optimizers.")
+    p.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon of both optimizers.")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the LoRA's gradient to this norm (D's is not clipped).")
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for the LoRA and D (CUDA; default: torch's AdamW).")
+    p.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matrix products on Ampere and newer GPUs (default: off).")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="Default: accelerate's config. Frozen weights run in this dtype; LoRA and D stay fp32.")
-    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+                   help="Frozen weights run in this dtype; LoRA and D stay fp32 (default: accelerate's config).")
+    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention (CUDA; default: PyTorch's SDPA attention).")
     # Checkpoints, validation, logging, hub
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder.")
-    p.add_argument("--validation_prompts", nargs="+", default=None)
-    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-<step> folder every N optimizer steps.")
+    p.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="Keep at most N checkpoints, deleting the oldest (default: keep all).")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (the newest in --output_dir; none: a new run), or a checkpoint-<step> folder: a path, or a "
+                        "name inside --output_dir. Its --resolution, --lora_* flags, --use_ema, --use_8bit_adam and base UNet "
+                        "must stay as they were (default: none, a new run).")
+    p.add_argument("--validation_prompts", nargs="+", default=None, metavar="PROMPT",
+                   help="Prompts for validation grids (1 and 2 LCM steps, LoRA and EMA) every --validation_steps (default: none).")
+    p.add_argument("--validation_steps", type=int, default=500, help="Validation every N optimizer steps.")
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
     p.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
-    p.add_argument("--tracker_project_name", default="yoso-lora")
+    p.add_argument("--tracker_project_name", default="yoso-lora", help="Project name for the trackers.")
     p.add_argument("--save_kohya", action="store_true",
                    help="Also write pytorch_lora_weights_kohya.safetensors beside each final LoRA (AUTOMATIC1111, ComfyUI); "
                         "convert_lora_to_kohya.py makes it later from any output or checkpoint folder.")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--hub_token", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the final LoRA, model card, latent statistics and validation grids to the Hub (default: off).")
+    p.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the --output_dir folder's name).")
+    p.add_argument("--hub_token", default=None, help="Hub token for --push_to_hub (default: the one `hf auth login` stored).")
+    p.add_argument("--check_only", action="store_true",
+                   help="Validate every flag and input as a run would (prompt file, model configs, checkpoint to resume), "
+                        "load no model, write nothing, and exit: 0 when all is well, 2 with the one-line error (default: off).")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.lora_target_modules = split_commas(args.lora_target_modules)
+    if not args.lora_target_modules:
+        parser.error("--lora_target_modules: no module names given")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
-        p.error("--hub_token with --report_to=wandb would expose the token; use `hf auth login` instead")
+        parser.error("--hub_token with --report_to=wandb would expose the token; use `hf auth login` instead")
     return args
+
+
+def fail(message, code=BAD_INPUT):
+    """The script's one-line error on stderr, then exit: 2 for bad input, 1 for a failure during the work."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_summary(args, checked, num_processes):
+    """--check_only's one line on success: what the run would train on."""
+    base = f"base {args.pretrained_model_name_or_path}"
+    if checked.prompts is None:
+        flag = "dataset_name" if args.dataset_name else "train_data_dir"
+        data = f"images from --{flag} {getattr(args, flag)}, {base}"
+        if args.teacher_latent_cache:
+            data += f", their latents from {args.teacher_latent_cache}"
+    elif args.teacher_latent_cache:
+        data = f"{len(checked.prompts)} prompts, {base}, teacher latents from {args.teacher_latent_cache}"
+    else:
+        data = f"{len(checked.prompts)} prompts, {base}, teacher {args.pretrained_teacher_model}"
+    resume = f", resuming {args.resume_from_checkpoint}" if args.resume_from_checkpoint not in (None, "latest") else ""
+    processes = f"{num_processes} process" + ("es" if num_processes > 1 else "")
+    return f"{PROG}: checks passed ({data}, {processes}{resume}); no model was loaded"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_library_notices()
     try:
         checked = preflight(args)
         if args.teacher_latent_cache:
             check_cache_for_run(args, checked.prompts, checked.teacher_plan)
     except (ArgumentError, PromptFileError, LatentCacheError, ImageDataError) as error:
-        sys.exit(f"train_yoso_lora.py: error: {error}")
+        fail(str(error))
 
     import diffusers
     import transformers
@@ -176,33 +253,47 @@ def main(argv=None):
     )
     precision_error = fp16_error(accelerator)
     if precision_error:  # still before any model loads
-        sys.exit(f"train_yoso_lora.py: error: {precision_error}")
+        fail(precision_error)
+    if args.check_only:
+        if accelerator.is_main_process:
+            print(check_summary(args, checked, accelerator.num_processes))
+        accelerator.end_training()
+        return
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger = get_logger("train_yoso_lora")
     logger.info(accelerator.state, main_process_only=False)
+    # Warnings only: the libraries' info messages (every weight file found, every config default filled in)
+    # would bury the progress bar and the run's own messages.
     if accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
+        diffusers.utils.logging.set_verbosity_warning()
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)  # the LoRA's and D head's initial values; DDP broadcasts rank 0's anyway
+    created_output_dir = accelerator.is_main_process and not output_dir.exists()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     try:
         run = train(args, checked, accelerator, output_dir)
+    except (PromptFileError, ImageDataError) as error:
+        # Data found unusable when it opens (an image dataset's row count is known only then), before any
+        # model loads: leave no empty output folder behind.
+        if created_output_dir and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        fail(str(error))
     except NonFiniteLossError as error:
         # Nothing is saved on this path: the last checkpoint and any earlier outputs stay as they were.
         last = latest_checkpoint(output_dir)
         if accelerator.is_main_process:
-            print(f"train_yoso_lora.py: error: {error}; training stopped and nothing was written. "
+            print(f"{PROG}: error: {error}; training stopped and nothing was written. "
                   f"Last good checkpoint: {last or 'none'}. Lower --learning_rate, or resume with another --seed.",
                   file=sys.stderr)
         accelerator.free_memory()
         gc.collect()
         accelerator.end_training()
-        sys.exit(1)
+        sys.exit(FAILED)
     # Free the models (the run and the accelerator's references) before end_training: tearing
     # down the process group with them alive aborts some multi-process runs at exit.
     del run

@@ -29,3 +29,8 @@ def test_demo_runs_end_to_end(tmp_path):
         grid = Image.open(out / "images" / mode / "grid.png")
         assert grid.size == (64, 2 * 64)  # one column, a row per held-out prompt
     assert "Done. Outputs:" in result.stdout and str(out / "images" / "lcm_2step" / "grid.png") in result.stdout
+    # Progress bars and results, not library notices that tell a user nothing.
+    noise = ("should be kept in float32", "were initialized from the model checkpoint", "requires torchvision",
+             "skip_prk_steps", "was not found in config")
+    found = [line for line in (result.stdout + result.stderr).splitlines() if any(text in line for text in noise)]
+    assert not found, found

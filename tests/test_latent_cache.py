@@ -296,12 +296,18 @@ def test_two_processes_read_their_own_latents(cache_dir, tiny_base, tiny_teacher
 
 
 def run_main(args):
-    """train_yoso_lora.main in this process: the checks run before any accelerator or model exists."""
+    """train_yoso_lora.main in this process: the checks run before any accelerator or model exists. Returns
+    its one error line (bad input: exit status 2)."""
+    import contextlib
+    import io
+
     import train_yoso_lora
 
-    with pytest.raises(SystemExit) as exit_info:
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(stderr):
         train_yoso_lora.main([str(a) for a in args])
-    return str(exit_info.value.code)
+    assert exit_info.value.code == 2 and len(stderr.getvalue().strip().splitlines()) == 1, stderr.getvalue()
+    return stderr.getvalue().strip()
 
 
 def test_train_script_refuses_a_foreign_cache_in_one_line(cache_dir, tiny_base, tiny_teacher, prompts_file, tmp_path):

@@ -90,6 +90,88 @@ def test_load_lora_weights_reproduces_trained_unet(run_a, tiny_base):
     assert max((ema[k] - live[k]).abs().max().item() for k in live) > 0
 
 
+# Library messages that tell a user of this script nothing (issue 12, item 12).
+LIBRARY_NOISE = ("should be kept in float32", "were initialized from the model checkpoint", "requires torchvision",
+                 "skip_prk_steps", "was not found in config")
+
+
+def test_a_run_prints_progress_and_results_not_library_noise(run_a):
+    _, _, result = run_a
+    output = result.stdout + result.stderr
+    noise = [line for line in output.splitlines() if any(text in line for text in LIBRARY_NOISE)]
+    assert not noise, noise
+    assert "steps: 100%" in result.stderr and "LoRA written to" in result.stderr and "validation images:" in result.stderr
+
+
+def test_checkpoints_hold_the_settings_a_resume_must_keep(run_a, tiny_base):
+    from diffusers import UNet2DConditionModel
+
+    from yoso.checkpoint import RESUME_FIXED_SETTINGS, read_run_settings, unet_architecture
+
+    record = read_run_settings(run_a[0] / "checkpoint-6")
+    assert record["settings"] == {"resolution": 64, "lora_rank": 4, "lora_alpha": 8.0,
+                                  "lora_target_modules": sorted(DEFAULT_TARGET_MODULES), "use_ema": True,
+                                  "use_8bit_adam": False}
+    assert set(record["settings"]) == set(RESUME_FIXED_SETTINGS)
+    assert record["pretrained_model_name_or_path"] == tiny_base and record["grad_scalers"] is False
+    assert record["base_unet"] == unet_architecture(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").config)
+
+
+@pytest.fixture(scope="module")
+def other_base(tiny_base, tmp_path_factory):
+    """A base whose UNet has another architecture (2 layers per block): only its configs, as the preflight reads."""
+    folder = tmp_path_factory.mktemp("other_base")
+    for sub in ("unet", "vae"):
+        (folder / sub).mkdir()
+        config = json.loads((Path(tiny_base) / sub / "config.json").read_text())
+        if sub == "unet":
+            config["layers_per_block"] = 2
+        (folder / sub / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+RESUME_CONFLICTS = {
+    "lora_rank": ({"lora_rank": 8}, ["--lora_rank 8: ", "was trained with 4", "resume with --lora_rank 4"]),
+    "lora_alpha": ({"lora_alpha": 16}, ["--lora_alpha 16.0: ", "was trained with 8.0"]),
+    "use_ema left out": ({"use_ema": None}, ["--use_ema off: ", "was trained with on"]),
+    "resolution": ({"resolution": 128}, ["--resolution 128: ", "was trained with 64"]),
+    "target modules": ({"lora_target_modules": "to_q,to_k,to_v,to_out.0"}, ["--lora_target_modules to_k,to_out.0,to_q,to_v: "]),
+    "another base": ({"pretrained_model_name_or_path": "other"}, ["its UNet is not the one", "layers_per_block 1 there, 2 here"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CONFLICTS))
+def test_resume_with_changed_shape_flags_is_refused_in_one_line(case, run_a, tiny_base, tiny_teacher, prompts_file,
+                                                                 other_base, tmp_path, capsys):
+    from train_yoso_lora import main
+
+    changes, fragments = RESUME_CONFLICTS[case]
+    values = {"use_ema": True, "ema_decay": 0.5, "resume_from_checkpoint": run_a[0] / "checkpoint-6", **changes}
+    base = other_base if values.pop("pretrained_model_name_or_path", None) else tiny_base
+    extra = {k: v for k, v in values.items() if v is not None}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in tiny_train_args(base, tiny_teacher, prompts_file, out, **extra)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("train_yoso_lora.py: error: ") and str(run_a[0] / "checkpoint-6") in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not out.exists()
+
+
+def test_resume_by_name_with_free_flags_changed_passes_check_only(run_a, tiny_base, tiny_teacher, prompts_file):
+    out = run_a[0]
+    before = file_hashes(out)
+    # The checkpoint by its name in --output_dir; learning rate, steps and logging may change on resume.
+    args = tiny_train_args(tiny_base, tiny_teacher, prompts_file, out, steps=20, use_ema=True, learning_rate=5e-4,
+                           resume_from_checkpoint="checkpoint-6", checkpointing_steps=5, report_to="none")
+    result = run_script(args + ["--check_only"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming {out / 'checkpoint-6'}" in result.stdout
+    assert file_hashes(out) == before  # --check_only writes nothing
+
+
 def test_validation_grid_and_tracker_scalars(run_a):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -176,8 +258,8 @@ def test_nan_loss_stops_and_leaves_outputs_untouched(run_a, tiny_base, tiny_teac
     shutil.copytree(run_a[0], out)
     before = file_hashes(out)
     result = launch(tiny_train_args(tiny_base, str(nan_teacher), prompts_file, out, steps=STEPS + 2, use_ema=True,
-                                    ema_decay=0.5, checkpointing_steps=1, resume_from_checkpoint="latest",
-                                    max_nonfinite_steps=1, report_to="none"))
+                                    ema_decay=0.5, checkpointing_steps=1, resume_from_checkpoint="checkpoint-6",
+                                    max_nonfinite_steps=1, report_to="none"))  # found inside --output_dir
     assert result.returncode == 1
     message = [line for line in result.stderr.splitlines() if line.startswith("train_yoso_lora.py: error:")]
     assert len(message) == 1 and "at step 7" in message[0] and "not finite" in message[0]
@@ -213,7 +295,7 @@ BAD_CASES = {
     "missing caption column": ({"train_data": "{root}/other_field.jsonl"}, ["--caption_column"]),
     "resolution": ({"resolution": "72"}, ["--resolution 72", "multiple of 16"]),
     "base path": ({"pretrained_model_name_or_path": "./no/such/model"}, ["--pretrained_model_name_or_path ./no/such/model", "no such folder"]),
-    "unreachable hub id": ({"pretrained_model_name_or_path": "someone/not-cached"}, ["--pretrained_model_name_or_path someone/not-cached", "cannot read"]),
+    "unreachable hub id": ({"pretrained_model_name_or_path": "someone/not-cached"}, ["--pretrained_model_name_or_path someone/not-cached", "not a local folder"]),
     "teacher latent space": ({"pretrained_teacher_model": "{root}/wide_teacher"}, ["--pretrained_teacher_model", "takes 16"]),
     "lora target": ({"lora_target_modules": ["to_q", "to_qq"]}, ["--lora_target_modules", "to_qq"]),
     "xformers": ({"enable_xformers_memory_efficient_attention": True}, ["--enable_xformers_memory_efficient_attention", "not installed"]),
@@ -239,7 +321,7 @@ def test_bad_input_fails_in_one_line_before_loading(case, bad_inputs, tiny_base,
         else:
             args += ["--" + key, value]
     result = run_script(args)
-    assert result.returncode != 0
+    assert result.returncode == 2  # bad input, as argparse's own errors
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(lines) == 1, lines
@@ -293,8 +375,8 @@ def test_one_non_finite_step_is_skipped_and_the_run_finishes(tiny_base, tiny_tea
 
     cache = tmp_path / "cache"
     result = launch(["--pretrained_model_name_or_path", tiny_base, "--pretrained_teacher_model", tiny_teacher,
-                     "--train_data", prompts_file, "--resolution", "64",
-                     "--seed", "0", "--output_dir", cache, "--shard_size", "4", "--train_batch_size", "4"],
+                     "--train_data", prompts_file, "--resolution", "64", "--seed", "0", "--output_dir", cache,
+                     "--shard_size", "4", "--train_batch_size", "4"],
                     script="precompute_teacher_latents.py")
     assert result.returncode == 0, result.stderr[-3000:]
     shard = cache / shard_file_name(0, 1)  # shard size = batch size: shard 1 is exactly the second batch

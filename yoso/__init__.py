@@ -21,9 +21,10 @@ One concept per module:
 - ``models``        loading and placing every model of a run (shared by script, tests, benchmarks)
 - ``step``          one YOSO training step (the D update, the G update, EMA)
 - ``precision``     fp16 with two optimizers: D's own gradient scaler; fp16 refused without a GPU
-- ``checkpoint``    atomic checkpoint folders, ``latest``, pruning
+- ``checkpoint``    atomic checkpoint folders, ``latest``, pruning, the settings a resume must keep
 - ``validation``    1-/2-step validation grids from the LoRA and its EMA
 - ``checks``        command-line validation that fails in one line before any model loads
+- ``library_noise`` library notices that say nothing to a user, filtered by their exact text
 - ``journeydb``     JourneyDB annotations -> clean prompt file, imagefolder metadata (a package: ``prepare_journeydb.py``)
 - ``clip_bpe``      SD1.5's CLIP BPE tokenizer rebuilt offline from open_clip's merge list
 - ``inference``     the four sampling modes, LoRA loading checks, the informative prior (IPI)

@@ -4,6 +4,7 @@ They read only configuration files (a few KB, also for hub ids), so a typo costs
 minutes of loading SD1.5 and SD-Turbo onto GPUs.
 """
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -25,20 +26,79 @@ def _looks_local(path):
 
 
 def load_model_config(flag, path, subfolder, config_class, revision=None, cache_dir=None):
-    """The config of ``path/subfolder`` (a local folder or a hub id), or an ArgumentError naming ``flag``."""
+    """The config of ``path/subfolder`` (a local folder or a hub id), or an ArgumentError naming ``flag``.
+
+    A hub id is read from the Hub cache first; only when it is not there is the Hub asked, and only when it
+    answers at all (one quick request): the hub client's own retries take half a minute to fail offline."""
     if _looks_local(path) or os.path.exists(path):
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise ArgumentError(f"{flag} {path}: no such folder (give a diffusers model folder or a hub id)")
         if not (folder / subfolder / "config.json").is_file():
             raise ArgumentError(f"{flag} {path}: no {subfolder}/config.json there; is it a diffusers pipeline folder?")
+        return _load_config(flag, path, subfolder, config_class, revision=revision, cache_dir=cache_dir)
+    try:
+        return _load_config(flag, path, subfolder, config_class, revision=revision, cache_dir=cache_dir,
+                            local_files_only=True)
+    except ArgumentError:
+        pass  # not in the cache: ask the Hub below
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ArgumentError(f"{flag} {path}: not a local folder, and not in the Hub cache (offline mode: "
+                            f"HF_HUB_OFFLINE=1); check the path, or download the model once with `hf download {path}`")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ArgumentError(f"{flag} {path}: not a local folder, and the Hub is unreachable ({unreachable}); check the "
+                            "path, or the network (set HF_HUB_OFFLINE=1 to use only models already downloaded)")
+    return _load_config(flag, path, subfolder, config_class, revision=revision, cache_dir=cache_dir)
+
+
+def _load_config(flag, path, subfolder, config_class, **kwargs):
     try:
         with warnings.catch_warnings():  # hub-client deprecation chatter would bury the one-line error
             warnings.simplefilter("ignore")
-            return config_class.load_config(str(path), subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+            return config_class.load_config(str(path), subfolder=subfolder, **kwargs)
     except Exception as error:  # the hub client raises many types; all mean "cannot get it"
+        raise ArgumentError(f"{flag} {path}: {_hub_failure(error, path, subfolder)}") from None
+
+
+def _hub_failure(error, path, subfolder):
+    """Why reading ``path/subfolder/config.json`` failed, in words: the hub client's error is often wrapped
+    by diffusers in a generic one, so the chain is searched for the client's own types."""
+    from huggingface_hub import errors
+
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    kinds = [
+        (errors.GatedRepoError, "gated on the Hub: accept its terms on huggingface.co, then `hf auth login`"),
+        (errors.RepositoryNotFoundError, "not a local folder, and no such repository on the Hub (a private one needs "
+                                         "`hf auth login`)"),
+        (errors.RevisionNotFoundError, "no such --revision in the repository"),
+        (errors.EntryNotFoundError, f"no {subfolder}/config.json in the repository; is it a diffusers pipeline?"),
+    ]
+    for kind, text in kinds:
+        if any(isinstance(e, kind) for e in chain):
+            return text
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot read {subfolder}/config.json locally or from the Hub ({reason})"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable(timeout=5.0):
+    """None when the Hub's endpoint answers one request (any status), else why not (one line). Through the
+    hub client's own HTTP session, so proxies and ``HF_ENDPOINT`` apply."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # connection refused, no DNS, timeout, TLS: all mean "no Hub from here"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ArgumentError(f"{flag} {path}: cannot read {subfolder}/config.json locally or from the Hub ({reason})") from None
+        return f"{constants.ENDPOINT}: {reason}"
+    return None
 
 
 def vae_scale_factor(vae_config):
@@ -72,6 +132,7 @@ def check_lora_targets(base_unet_config, target_modules):
             f"--lora_target_modules: {', '.join(missing)} match no module of the base UNet "
             "(names like to_q, to_out.0, conv1, time_emb_proj)"
         )
+    return unet.config  # complete (diffusers' defaults filled in), as a loaded UNet's config is
 
 
 def check_optional_packages(args):
@@ -96,8 +157,65 @@ class PreflightResult(NamedTuple):
     teacher_plan: object  # yoso.latent_space.TeacherLatentPlan (transcode or not); None with images
 
 
+def launched_world_size():
+    """The number of processes this run was launched with, from the launcher's environment (``accelerate
+    launch`` / torchrun set WORLD_SIZE, MPI its own), as accelerate reads it; 1 when started alone."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def check_global_batch(num_prompts, args):
+    world = launched_world_size()
+    if num_prompts < args.train_batch_size * world:
+        raise ArgumentError(
+            f"--train_data holds {num_prompts} prompts, fewer than one global batch ({args.train_batch_size} "
+            f"x {world} processes): lower --train_batch_size or add prompts")
+
+
+def resolve_resume(args):
+    """Resolve ``--resume_from_checkpoint`` (in place: ``train()`` reads the folder from it); returns the
+    checkpoint folder, or None for a new run ('latest' with no checkpoint yet, or no flag)."""
+    from .checkpoint import INCOMPLETE_SUFFIX, resolve_checkpoint
+
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    path, tried = resolve_checkpoint(value, args.output_dir)
+    if value == "latest":
+        if path is not None:
+            args.resume_from_checkpoint = str(path)
+        return path
+    if path is None:
+        raise ArgumentError(f"--resume_from_checkpoint {value}: no such checkpoint folder (looked at "
+                            f"{' and '.join(map(str, dict.fromkeys(tried)))}; use 'latest' or a checkpoint-<step> "
+                            "folder, by path or by its name in --output_dir)")
+    if path.name.endswith(INCOMPLETE_SUFFIX):
+        raise ArgumentError(f"--resume_from_checkpoint {value}: an unfinished checkpoint (its writing was interrupted); "
+                            "use 'latest' or a complete checkpoint-<step> folder")
+    args.resume_from_checkpoint = str(path)
+    return path
+
+
+def check_resume_settings(checkpoint, args, base_unet_config):
+    """Refuse to resume ``checkpoint`` with settings it cannot be resumed with (see
+    ``yoso.checkpoint.RESUME_FIXED_SETTINGS``); a checkpoint without a settings file is not checked."""
+    from .checkpoint import RESUME_FIXED_SETTINGS, read_run_settings, resume_conflicts
+
+    record = read_run_settings(checkpoint)
+    if record is None:
+        return
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    given = {name: getattr(args, name) for name in RESUME_FIXED_SETTINGS}
+    conflicts = resume_conflicts(record, checkpoint, given, base_unet_config, args.pretrained_model_name_or_path,
+                                 mixed_precision)
+    if conflicts:
+        raise ArgumentError(conflicts[0])
+
+
 def preflight(args):
-    """Run every check; return what the run needs from them (:class:`PreflightResult`)."""
+    """Run every check; return what the run needs from them (:class:`PreflightResult`). Resolves
+    ``args.resume_from_checkpoint`` to the checkpoint's path."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from .image_data import check_image_data, resolve_caption_column, uses_image_data
@@ -109,16 +227,14 @@ def preflight(args):
         raise ArgumentError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
     if args.max_train_steps is None and args.num_train_epochs is None:
         raise ArgumentError("give --max_train_steps or --num_train_epochs")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not Path(args.resume_from_checkpoint).is_dir():
-            raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
-                                "(use 'latest' or a checkpoint-<step> folder)")
+    checkpoint = resolve_resume(args)
     images = uses_image_data(args)
     if images:  # with --teacher_latent_cache, an image cache of this data (check_cache_for_run)
-        check_image_data(args)
+        check_image_data(args)  # its row count is checked when the data opens (unknown until datasets prepares it)
         prompts = None
     else:
         prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples)
+        check_global_batch(len(prompts), args)
 
     base = args.pretrained_model_name_or_path
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
@@ -127,5 +243,7 @@ def preflight(args):
     check_resolution(args.resolution, base_vae, base_unet)
     # The teacher makes x0 from prompts (in the base's latent space, or transcoded into it); with images the base VAE does.
     teacher_plan = None if images else teacher_latent_plan(args)
-    check_lora_targets(base_unet, args.lora_target_modules)
+    base_unet_full = check_lora_targets(base_unet, args.lora_target_modules)
+    if checkpoint is not None:
+        check_resume_settings(checkpoint, args, base_unet_full)
     return PreflightResult(prompts, teacher_plan)

@@ -16,38 +16,96 @@ class PromptFileError(ValueError):
 
 
 def read_prompts(path, caption_column="prompt", max_samples=None):
-    """Prompts from a ``.jsonl`` file (one JSON object a line, text in ``caption_column``) or a text file
-    (one prompt a line). Blank lines are skipped; a malformed JSON line is an error naming its line."""
+    """Prompts from ``path``, by its extension:
+
+    - ``.jsonl``: one JSON object a line, the text in ``caption_column``;
+    - ``.json``: one JSON list, of objects (text in ``caption_column``) or of strings, as JourneyDB ships
+      some annotations;
+    - anything else: plain text, one prompt a line. A text file whose first line is JSON (``[``, ``{``, an
+      object) is refused rather than trained on as text.
+
+    Blank lines and empty texts are skipped; a malformed record is an error naming its line or item."""
     path = Path(path)
+    caption_column = caption_column or "prompt"
     if not path.is_file():
         raise PromptFileError(f"--train_data {path}: no such file (make one with prepare_journeydb.py)")
-    prompts = []
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        try:
-            for line_number, line in enumerate(handle, start=1):
-                line = line.strip()
-                if not line:
-                    continue
-                if path.suffix == ".jsonl":
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise PromptFileError(f"--train_data {path}:{line_number}: malformed JSON ({error.msg})") from None
-                    if not isinstance(record, dict) or caption_column not in record:
-                        raise PromptFileError(
-                            f"--train_data {path}:{line_number}: no {caption_column!r} field (set --caption_column)"
-                        )
-                    text = str(record[caption_column]).strip()
-                else:
-                    text = line
-                if text:
-                    prompts.append(text)
-                if max_samples is not None and len(prompts) >= max_samples:
-                    break
-        except UnicodeDecodeError as error:
-            raise PromptFileError(f"--train_data {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    try:
+        if path.suffix == ".json":
+            prompts = _read_json_list(path, caption_column, max_samples)
+        else:
+            prompts = _read_lines(path, caption_column, max_samples)
+    except UnicodeDecodeError as error:
+        raise PromptFileError(f"--train_data {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not prompts:
         raise PromptFileError(f"--train_data {path}: no prompts in the file")
+    return prompts
+
+
+def _record_text(record, caption_column, where):
+    if not isinstance(record, dict) or caption_column not in record:
+        raise PromptFileError(f"--train_data {where}: no {caption_column!r} field (set --caption_column)")
+    return str(record[caption_column]).strip()
+
+
+def _read_lines(path, caption_column, max_samples):
+    prompts = []
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise PromptFileError(f"--train_data {path}:{line_number}: malformed JSON ({error.msg})") from None
+                text = _record_text(record, caption_column, f"{path}:{line_number}")
+            else:
+                if not prompts and _looks_like_json(line):
+                    raise PromptFileError(
+                        f"--train_data {path}: line {line_number} is JSON ({line[:40]!r}), not a prompt: name the file "
+                        ".jsonl (an object a line) or .json (a list), or convert it with prepare_journeydb.py")
+                text = line
+            if text:
+                prompts.append(text)
+            if max_samples is not None and len(prompts) >= max_samples:
+                break
+    return prompts
+
+
+def _looks_like_json(line):
+    """A line that opens a JSON list or object, or is one: text files must not be read as prompts then."""
+    if line in ("[", "{") or line.startswith(("[{", '["', "[[")):
+        return True
+    if line[0] in "[{":
+        try:
+            return isinstance(json.loads(line), (dict, list))
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
+def _read_json_list(path, caption_column, max_samples):
+    text = path.read_text(encoding="utf-8", errors="strict")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PromptFileError(f"--train_data {path}: malformed JSON at line {error.lineno} ({error.msg}); a .json file "
+                              "must hold one list (of records or of strings); one record a line is .jsonl") from None
+    if not isinstance(data, list):
+        kind = {dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise PromptFileError(f"--train_data {path}: holds {kind}, not a JSON list of records or strings; "
+                              "convert it with prepare_journeydb.py")
+    prompts = []
+    for item_number, item in enumerate(data, start=1):
+        if isinstance(item, str):
+            text = item.strip()
+        else:
+            text = _record_text(item, caption_column, f"{path} item {item_number}")
+        if text:
+            prompts.append(text)
+        if max_samples is not None and len(prompts) >= max_samples:
+            break
     return prompts
 
 

@@ -75,6 +75,15 @@ def load_model_parts(settings, device, weight_dtype):
                       noise_scheduler=noise_scheduler, teacher_pipeline=teacher_pipeline, teacher_transcoder=transcoder)
 
 
+def place(model, device, dtype):
+    """``model.to(device, dtype=dtype)`` for a diffusers model, without the warning diffusers gives on every
+    dtype cast ("should be kept in float32: []"), even for models that keep no module in float32 (SD1.5's
+    UNet and VAE): for those the cast is exactly torch's. A model that does keep some goes through diffusers."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(device, dtype=dtype)
+    return torch.nn.Module.to(model, device, dtype=dtype)
+
+
 def assemble_models(parts, settings, *, device, weight_dtype):
     """Freeze, build D from the base weights, add the LoRA, place and cast: the same for loaded models and
     for the benchmarks' config-built ones."""
@@ -91,10 +100,10 @@ def assemble_models(parts, settings, *, device, weight_dtype):
     add_lora(unet, settings.lora_rank, settings.lora_alpha, settings.lora_target_modules, settings.init_lora_weights)
 
     # Frozen weights in the compute dtype; the LoRA and D train in fp32.
-    unet.to(device, dtype=weight_dtype)
+    place(unet, device, weight_dtype)
     cast_training_params(unet, dtype=torch.float32)
     text_encoder.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=weight_dtype)
+    place(vae, device, weight_dtype)
     discriminator.to(device, dtype=torch.float32)
 
     teacher_pipeline = parts.teacher_pipeline

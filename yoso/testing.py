@@ -365,6 +365,9 @@ def main():
     parser.add_argument("--sample_annotations", default=None, metavar="PATH",
                         help="also write a JourneyDB-shaped train_anno.jsonl.tgz of sample records here")
     args = parser.parse_args()
+    from .library_noise import quiet_library_notices
+
+    quiet_library_notices()
     base, teacher = build_tiny_models(args.output_dir, resolution=args.resolution)
     print(f"tiny SD1.5-shaped base: {base}\ntiny SD-Turbo-shaped teacher: {teacher}")
     if args.sample_annotations:

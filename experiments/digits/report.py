@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-# A 1-step YOSO row meets the issue's goal when it beats every base row (1, 2, 4 steps, both samplers) on
+# A 1-step YOSO row meets the experiment's goal when it beats every base row (1, 2, 4 steps, both samplers) on
 # accuracy and on Fréchet distance, its Fréchet distance is within 1.5x the teacher's, and its diversity is
 # within 20% of the teacher's.
 FRECHET_FACTOR = 1.5
@@ -92,7 +92,7 @@ def markdown_table(rows, classifier_info, command, extra=None, n_boot=25):
     ]
     checks = goal_check(rows)
     if checks:
-        text += ["", "Goal (issue #6), measured: a 1-step YOSO-LoRA row beats every base row on accuracy and "
+        text += ["", "Goal of the experiment, measured: a 1-step YOSO-LoRA row beats every base row on accuracy and "
                  "Fréchet distance, is within 1.5x the teacher's Fréchet distance and within 20% of its diversity.", "",
                  "| 1-step row | beats base accuracy | beats base Fréchet | Fréchet / teacher | diversity / teacher | all met |",
                  "| --- | --- | --- | ---: | ---: | --- |"]

@@ -180,8 +180,8 @@ def stage_yoso(out, budget, seed, quiet, device):
     if unknown or "main" not in budget["yoso_runs"]:
         raise StageError(f"yoso_runs must include 'main' and name only {', '.join(YOSO_RUNS)}; got {budget['yoso_runs']}")
     if not TRAIN_SCRIPT.is_file():
-        raise StageError(f"the YOSO stage needs the training script {TRAIN_SCRIPT}, which does not exist yet "
-                         "(issue: training script). Every other stage works without it: rerun with --skip-yoso.")
+        raise StageError(f"the YOSO stage needs the training script {TRAIN_SCRIPT}, which does not exist yet; "
+                         "every other stage works without it: rerun with --skip-yoso.")
     yoso_dir = out / "yoso"
     yoso_dir.mkdir(parents=True, exist_ok=True)
     n_prompts = write_prompts(yoso_dir / "prompts.jsonl")
