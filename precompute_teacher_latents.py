@@ -89,7 +89,7 @@ def refuse(error):
 
 def check_existing_cache(args, settings):
     """An --output_dir holding a cache made with other settings is refused; one with more epochs keeps them."""
-    from yoso.checks import ArgumentError
+    from yoso.model_configs import ArgumentError
     from yoso.latent_cache import LatentCacheError, read_cache_info, settings_differ
 
     try:
@@ -104,7 +104,7 @@ def check_existing_cache(args, settings):
 
 
 def check_sizes(args):
-    from yoso.checks import ArgumentError
+    from yoso.model_configs import ArgumentError
 
     if args.num_epochs < 1 or args.shard_size < 1 or args.train_batch_size < 1:
         raise ArgumentError("--num_epochs, --shard_size and --train_batch_size must be at least 1")
@@ -117,7 +117,7 @@ def main(argv=None):
 
     if uses_image_data(args):
         return main_images(args)
-    from yoso.checks import ArgumentError
+    from yoso.model_configs import ArgumentError
     from yoso.data import PromptFileError, read_prompts
     from yoso.image_data import resolve_caption_column
     from yoso.latent_cache import LatentCacheError, make_cache_settings
@@ -180,7 +180,7 @@ def main(argv=None):
 
 def main_images(args):
     """The base VAE's latents of map-style image data (yoso/latent_cache.py, "Image caches")."""
-    from yoso.checks import ArgumentError
+    from yoso.model_configs import ArgumentError
     from yoso.image_data import ImageDataError, check_image_data
     from yoso.latent_cache import LatentCacheError, image_latent_shape, make_image_cache_settings, \
         refuse_streamed_image_data

@@ -190,14 +190,14 @@ def test_fp16_upcasts_vaes_that_ask_for_it_and_ignores_autocast():
 def configs(path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from yoso.checks import load_model_config
+    from yoso.model_configs import load_model_config
 
     return load_model_config("--x", path, "vae", AutoencoderKL), load_model_config("--x", path, "unet",
                                                                                     UNet2DConditionModel)
 
 
 def test_plan_decides_from_configs_and_refuses_in_one_line(tiny_base, tiny_teacher, sdxl_teacher):
-    from yoso.checks import ArgumentError
+    from yoso.model_configs import ArgumentError
     from yoso.latent_space import check_teacher_latents, latent_space_differences
 
     base_vae, base_unet = configs(tiny_base)
@@ -248,7 +248,7 @@ def test_plan_decides_from_configs_and_refuses_in_one_line(tiny_base, tiny_teach
 
 
 def test_plan_from_flags_reads_teacher_vae_folders(tiny_base, tiny_teacher, sdxl_teacher, linear_vaes):
-    from yoso.checks import ArgumentError
+    from yoso.model_configs import ArgumentError
     from yoso.latent_space import teacher_latent_plan
 
     def args(teacher, **extra):

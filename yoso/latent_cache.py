@@ -462,7 +462,7 @@ def image_latent_shape(args):
     """The base VAE's latent shape at ``--resolution`` (from config files only; the resolution is checked)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .checks import check_resolution, load_model_config, vae_scale_factor
+    from .model_configs import check_resolution, load_model_config, vae_scale_factor
 
     base, hub = args.pretrained_model_name_or_path, {"revision": getattr(args, "revision", None),
                                                       "cache_dir": getattr(args, "cache_dir", None)}

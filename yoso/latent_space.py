@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .model_configs import ArgumentError, check_resolution, hub_unreachable, load_model_config
+from .precision import place
+
 TRANSCODE_MODES = ("auto", "always", "never")
 
 # Config keys that define what a latent means. sample_size (a default image size) and force_upcast
@@ -31,12 +34,6 @@ LATENT_SPACE_KEYS = (
     "in_channels", "out_channels", "norm_num_groups", "act_fn", "scaling_factor", "shift_factor",
     "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
 )
-
-
-def _argument_error(message):
-    from .checks import ArgumentError  # imported late: checks imports this module
-
-    return ArgumentError(message)
 
 
 # ---- config-only checks -------------------------------------------------------------------------------
@@ -94,27 +91,26 @@ def check_teacher_latents(base_vae, base_unet, teacher_vae, teacher_unet, resolu
     a teacher whose latents cannot reach the base (no VAE, not an image autoencoder, channel or resolution
     mismatch) is a one-line ArgumentError.
     """
-    from .checks import check_resolution
 
     if transcode not in TRANSCODE_MODES:
-        raise _argument_error(f"--teacher_latent_transcode {transcode}: choose one of {', '.join(TRANSCODE_MODES)}")
+        raise ArgumentError(f"--teacher_latent_transcode {transcode}: choose one of {', '.join(TRANSCODE_MODES)}")
     if teacher_vae is None:
-        raise _argument_error(f"{teacher_vae_flag} has no vae/: its latents cannot be decoded or placed; give the "
+        raise ArgumentError(f"{teacher_vae_flag} has no vae/: its latents cannot be decoded or placed; give the "
                               "VAE it was trained with as --teacher_vae (a folder or hub id of an AutoencoderKL)")
     for flag, config in ((teacher_vae_flag, teacher_vae), (base_flag, base_vae)):
         name = config.get("_class_name", "AutoencoderKL")
         if name != "AutoencoderKL":
-            raise _argument_error(f"{flag}: its VAE is a {name}, not an AutoencoderKL image autoencoder; only "
+            raise ArgumentError(f"{flag}: its VAE is a {name}, not an AutoencoderKL image autoencoder; only "
                                   "AutoencoderKL latent spaces can be decoded and re-encoded here")
     channels = teacher_vae["latent_channels"]
     unet_channels = (teacher_unet["in_channels"], teacher_unet.get("out_channels", teacher_unet["in_channels"]))
     if unet_channels != (channels, channels):
         fix = "give the VAE the teacher was trained with" if teacher_vae_flag.startswith("--teacher_vae") else \
             "not a text-to-image teacher (an inpainting or otherwise conditioned UNet)"
-        raise _argument_error(f"{teacher_vae_flag}: the VAE makes {channels}-channel latents, the teacher's UNet takes "
+        raise ArgumentError(f"{teacher_vae_flag}: the VAE makes {channels}-channel latents, the teacher's UNet takes "
                               f"{unet_channels[0]} and returns {unet_channels[1]}: {fix}")
     if base_vae["latent_channels"] != base_unet["in_channels"]:
-        raise _argument_error(f"{base_flag}: its VAE makes {base_vae['latent_channels']}-channel latents, its UNet "
+        raise ArgumentError(f"{base_flag}: its VAE makes {base_vae['latent_channels']}-channel latents, its UNet "
                               f"takes {base_unet['in_channels']}: not a text-to-image model")
     check_resolution(resolution, base_vae, base_unet)
     check_resolution(resolution, teacher_vae, teacher_unet, which="the teacher")
@@ -126,7 +122,7 @@ def check_teacher_latents(base_vae, base_unet, teacher_vae, teacher_unet, resolu
     unused_vae = ", so --teacher_vae is not used" if teacher_vae_flag.startswith("--teacher_vae") else ""
     if transcode == "never":
         if teacher_shape != latent_shape:
-            raise _argument_error(
+            raise ArgumentError(
                 f"--teacher_latent_transcode never: the teacher makes latents of {teacher_shape[0]} channels at 1/"
                 f"{teacher_factor} resolution, the base UNet takes {latent_shape[0]} at 1/{base_factor}: use auto "
                 "(decode by the teacher's VAE, encode by the base's)")
@@ -149,7 +145,6 @@ def load_vae_config(flag, path, revision=None, cache_dir=None):
     pipeline folder / hub id (``vae/config.json``). One-line ArgumentError naming ``flag`` otherwise."""
     from diffusers import AutoencoderKL
 
-    from .checks import load_model_config
 
     subfolder = vae_subfolder(path, revision, cache_dir) or ""
     return load_model_config(flag, path, subfolder, AutoencoderKL, revision=revision, cache_dir=cache_dir)
@@ -165,13 +160,21 @@ def vae_subfolder(path, revision=None, cache_dir=None):
     local = os.path.expanduser(str(path))
     if os.path.isdir(local):
         return None if os.path.isfile(os.path.join(local, "config.json")) else "vae"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            AutoencoderKL.load_config(str(path), revision=revision, cache_dir=cache_dir)
-        return None
-    except Exception:  # no root config.json (or unreachable): try the pipeline layout, which reports the error
-        return "vae"
+    from huggingface_hub import constants
+
+    # The Hub cache first; the Hub itself only when it answers (its client retries for half a minute offline).
+    for local_files_only in (True, False):
+        if not local_files_only and (constants.HF_HUB_OFFLINE or hub_unreachable()):
+            break
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                AutoencoderKL.load_config(str(path), revision=revision, cache_dir=cache_dir,
+                                          local_files_only=local_files_only)
+            return None
+        except Exception:  # no root config.json there: try the next place
+            continue
+    return "vae"  # the pipeline layout; load_model_config then reports why it cannot be read, in one line
 
 
 def teacher_latent_plan(args):
@@ -180,7 +183,6 @@ def teacher_latent_plan(args):
     with ``--teacher_vae`` and ``--teacher_latent_transcode`` (missing attributes mean None and auto)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from .checks import load_model_config
 
     base, teacher = args.pretrained_model_name_or_path, args.pretrained_teacher_model
     teacher_vae_path = getattr(args, "teacher_vae", None)
@@ -206,7 +208,6 @@ def _optional_vae_config(teacher, cache_dir):
 
     from diffusers import AutoencoderKL
 
-    from .checks import load_model_config
 
     local = os.path.expanduser(str(teacher))
     if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "vae", "config.json")):
@@ -269,7 +270,7 @@ class LatentTranscoder:
     def _prepare(vae, dtype):
         vae.requires_grad_(False).eval()
         if vae.dtype != vae_compute_dtype(vae.config, dtype):
-            vae.to(dtype=vae_compute_dtype(vae.config, dtype))
+            place(vae, None, vae_compute_dtype(vae.config, dtype))
         vae.enable_slicing()
         return vae
 
@@ -301,4 +302,4 @@ def load_latent_transcoder(teacher_vae, base, dtype, device, revision=None, vari
     hub = {"subfolder": "vae", "revision": revision, "cache_dir": cache_dir}
     compute_dtype = vae_compute_dtype(AutoencoderKL.load_config(base, **hub), dtype)
     base_vae = AutoencoderKL.from_pretrained(base, variant=variant, dtype=compute_dtype, **hub)
-    return LatentTranscoder(teacher_vae.to(device), base_vae.to(device), dtype)
+    return LatentTranscoder(place(teacher_vae, device, None), place(base_vae, device, None), dtype)

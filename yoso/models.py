@@ -16,6 +16,7 @@ import torch
 
 from .discriminator import Discriminator
 from .lora import add_lora
+from .precision import place
 from .schedule import YOSOSchedule
 from .teacher import TeacherLatents, load_teacher_latents
 from .unet_encoder import FeatureNet
@@ -73,15 +74,6 @@ def load_model_parts(settings, device, weight_dtype):
         teacher_pipeline, transcoder = latent_source.pipeline, latent_source.transcoder
     return ModelParts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                       noise_scheduler=noise_scheduler, teacher_pipeline=teacher_pipeline, teacher_transcoder=transcoder)
-
-
-def place(model, device, dtype):
-    """``model.to(device, dtype=dtype)`` for a diffusers model, without the warning diffusers gives on every
-    dtype cast ("should be kept in float32: []"), even for models that keep no module in float32 (SD1.5's
-    UNet and VAE): for those the cast is exactly torch's. A model that does keep some goes through diffusers."""
-    if getattr(model, "_keep_in_fp32_modules", None):
-        return model.to(device, dtype=dtype)
-    return torch.nn.Module.to(model, device, dtype=dtype)
 
 
 def assemble_models(parts, settings, *, device, weight_dtype):

@@ -47,3 +47,12 @@ def scaled_backward(accelerator, loss, scaler):
         accelerator.backward(loss)
     else:
         scaler.scale(loss / accelerator.gradient_accumulation_steps).backward()
+
+
+def place(model, device, dtype):
+    """``model.to(device, dtype=dtype)`` for a diffusers model, without the warning diffusers gives on every
+    dtype cast ("should be kept in float32: []"), even for models that keep no module in float32 (SD1.5's
+    UNet and VAE): for those the cast is exactly torch's. A model that does keep some goes through diffusers."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        return model.to(device, dtype=dtype)
+    return torch.nn.Module.to(model, device, dtype=dtype)
