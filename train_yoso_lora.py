@@ -308,8 +308,8 @@ def train(args, checked, accelerator, output_dir):
     from tqdm.auto import tqdm
 
     from yoso.checkpoint import TrainState, latest_checkpoint, register_checkpointing, save_checkpoint
-    from yoso.latent_stats import LatentStats
     from yoso.hub import create_hub_repo, default_repo_name, push_to_hub
+    from yoso.latent_stats import LatentStats
     from yoso.outputs import save_final_outputs
     from yoso.run import RunSettings, build_run
     from yoso.step import step_generator
