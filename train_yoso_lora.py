@@ -24,7 +24,7 @@ from yoso.latent_cache import LatentCacheError, check_cache_for_run
 from yoso.lora import DEFAULT_TARGET_MODULES, LORA_INITS
 from yoso.losses import GAN_REDUCTIONS, KL_WEIGHTINGS, LOSS_SPACES
 from yoso.precision import fp16_error
-from yoso.step import NonFiniteLossError
+from yoso.step import NonFiniteLossError, discriminator_chunks_arg
 
 logger = logging.getLogger("train_yoso_lora")
 
@@ -108,6 +108,19 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Default: accelerate's config. Frozen weights run in this dtype; LoRA and D stay fp32.")
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    p.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile each resnet and transformer block of the UNet and D (regional compilation: the "
+                        "LoRA layers compile with them); the first steps take longer. Off by default: not yet measured on a GPU.")
+    p.add_argument("--channels_last", action="store_true",
+                   help="Run the UNet's and D's convolutions in channels-last layout. Off by default: not yet measured on a GPU.")
+    p.add_argument("--adam_fused", default="auto", choices=["auto", "on", "off"],
+                   help="torch's fused AdamW kernel for the LoRA and D (the same update); auto: on CUDA.")
+    p.add_argument("--step_order", default="generator_first", choices=["generator_first", "discriminator_first"],
+                   help="discriminator_first: D's update before G's pass with gradient (a no-grad fake), so G's graph "
+                        "is not alive during it; one more no-grad G pass. Same losses; another memory peak.")
+    p.add_argument("--discriminator_chunks", type=discriminator_chunks_arg, default=1,
+                   help="Run D's update on [real ; fake] in this many pieces (1, or even: 2 = real, then fake); "
+                        "less memory for D's graph, the same gradient.")
     # Checkpoints, validation, logging, hub
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)

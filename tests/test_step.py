@@ -209,3 +209,123 @@ def test_consecutive_non_finite_losses_stop_the_run(tiny_base, tiny_teacher):
     with pytest.raises(NonFiniteLossError, match="not finite for 3 consecutive steps"):
         trainer.step(batch, torch.Generator().manual_seed(2))
     assert unchanged(before, snapshot(trainer, models)) == [True, True, True]
+
+
+# ---- issue 15: the step's order, D's update in pieces, channels-last, fused AdamW, compilation --------------
+
+@pytest.mark.parametrize("settings", [
+    {"step_order": "discriminator_first", "discriminator_chunks": 4, "gan": "batch"},  # halves in pieces: D pre-pass
+    {"step_order": "generator_first", "discriminator_chunks": 2, "gan": "sample"},
+])
+def test_other_orders_match_the_golden_reference(tiny_base, monkeypatch, settings):
+    """The golden step's straight-line SPEC reference (tests/test_golden_step.py, unchanged) against the step run
+    in another order / with D's update in pieces: the same losses and gradients to the same 1e-5."""
+    import functools
+
+    import harness
+    import test_golden_step as golden
+
+    settings = dict(settings)
+    gan = settings.pop("gan")
+    monkeypatch.setattr(golden, "build_trainer", functools.partial(harness.build_trainer, **settings))
+    (losses, d_grads, g_grads), _, logs, seen = golden.run_both(tiny_base, "batch", gan)
+    for name, value in losses.items():
+        assert abs(logs[name].item() - value.item()) <= golden.TOL * max(1.0, abs(value.item())), (name, settings)
+    assert len(seen["d"]) == len(d_grads) and len(seen["g"]) == len(g_grads) > 0
+    assert golden.max_difference(seen["d"], d_grads) <= golden.TOL
+    assert golden.max_difference(seen["g"], g_grads) <= golden.TOL
+
+
+def test_discriminator_first_passes_and_pieces(tiny_base, tiny_teacher):
+    """discriminator_first: G without gradient on [x_t ; x_td ; x_tp], then with gradient on x_t; D's update in
+    4 pieces (B/2 samples each) after a no-grad pass for the batch-mean logits; G's graph is not alive in D's update."""
+    trainer, models = build_trainer(tiny_base, tiny_teacher, step_order="discriminator_first", discriminator_chunks=4)
+    log = CallLog()
+    events = []
+    handles = [models.unet.register_forward_pre_hook(log.hook("G"), with_kwargs=True),
+               models.discriminator.register_forward_pre_hook(log.hook("D"), with_kwargs=True)]
+    inner_step = trainer.optimizer_d.step
+    trainer.optimizer_d.step = lambda *a, **k: (events.append(("D step", len(log.calls))), inner_step(*a, **k))[1]
+    trainer.step(make_batch(models, PROMPTS[:4]), torch.Generator().manual_seed(0))
+    for h in handles:
+        h.remove()
+    B = 4
+    assert [(n, b, g) for n, b, g in log.calls if n == "G"] == [("G", 3 * B, False), ("G", B, True)]
+    d_calls = [(b, g) for n, b, g in log.calls if n == "D"]
+    assert d_calls == [(B // 2, False)] * 4 + [(B // 2, True)] * 4 + [(B, True)]  # pre-pass, pieces, G's scoring
+    # D's optimizer stepped before G's pass with gradient began.
+    (_, calls_before_d_step), = events
+    assert [n for n, _, g in log.calls[:calls_before_d_step] if n == "G" and g] == []
+
+
+def run_steps(trainer, models, steps=2):
+    """Losses per step, the gradients G's and D's optimizers saw at the first step, and the weights after."""
+    losses, first_grads = [], []
+    hooks = [opt.optimizer.register_step_pre_hook(
+        lambda o, args, kwargs: first_grads.append([p.grad.clone() for g in o.param_groups for p in g["params"]])
+        if len(first_grads) < 2 else None) for opt in (trainer.optimizer_d, trainer.optimizer_g)]
+    for i in range(steps):
+        logs = trainer.step(make_batch(models, PROMPTS[:2], start_index=2 * i), torch.Generator().manual_seed(i))
+        losses.append([logs[k].item() for k in ("loss_con", "loss_kl", "loss_adv", "loss_d")])
+    for hook in hooks:
+        hook.remove()
+    return torch.tensor(losses, dtype=torch.float64), first_grads, snapshot(trainer, models)
+
+
+def assert_all_close(xs, ys, **tolerance):
+    assert len(xs) == len(ys) > 0
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(x, y, **tolerance)
+
+
+def test_channels_last_and_fused_adamw_train_the_same(tiny_base, tiny_teacher):
+    """--channels_last (frozen conv weights and the models' inputs) changes the memory layout, not the numbers:
+    the same losses and gradients to float rounding. --adam_fused on (torch's fused AdamW, here on CPU) is the
+    same AdamW update: the same weights after two steps."""
+    losses, grads, weights = run_steps(*build_trainer(tiny_base, tiny_teacher))
+
+    trainer, models = build_trainer(tiny_base, tiny_teacher, channels_last=True)
+    frozen_convs = [p for n, p in models.unet.named_parameters() if p.dim() == 4 and not p.requires_grad]
+    assert frozen_convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in frozen_convs)
+    assert all(p.is_contiguous() for _, p in lora_named_parameters(models.unet))  # safetensors saves them
+    cl_losses, cl_grads, _ = run_steps(trainer, models)
+    torch.testing.assert_close(cl_losses, losses, atol=1e-6, rtol=1e-5)
+    for cl, plain in zip(cl_grads, grads):  # D's, then G's
+        assert_all_close(cl, plain, atol=1e-6, rtol=1e-4)
+
+    trainer, models = build_trainer(tiny_base, tiny_teacher, adam_fused="on")
+    for optimizer in (trainer.optimizer_g, trainer.optimizer_d):
+        assert all(group["fused"] for group in optimizer.optimizer.param_groups)
+    fused_losses, _, _ = run_steps(trainer, models)
+    torch.testing.assert_close(fused_losses, losses, atol=1e-6, rtol=1e-5)
+    # The update itself, on the step's own gradients (weights after training are not a fair comparison: Adam's
+    # g / sqrt(v) turns any rounding in gradients near 1e-10, e.g. from D's updated weights, into lr-sized steps).
+    for betas, step_grads in (((0.0, 0.999), grads[0]), ((0.9, 0.999), grads[1])):  # D's, G's
+        updated = {}
+        for fused in (False, True):
+            params = [torch.nn.Parameter(torch.zeros_like(g)) for g in step_grads]
+            adamw = torch.optim.AdamW(params, lr=1e-3, betas=betas, weight_decay=1e-2, eps=1e-8, fused=fused)
+            for k in range(3):
+                for p, g in zip(params, step_grads):
+                    p.grad = g * (k + 1)
+                adamw.step()
+            updated[fused] = [p.detach() for p in params]
+        assert_all_close(updated[True], updated[False], atol=1e-9, rtol=1e-6)
+
+
+def test_fused_adamw_under_fp16_skips_like_the_unfused_one(tiny_base, tiny_teacher):
+    """A fused AdamW skips an overflowing fp16 step inside its kernel, where accelerate cannot see it: the step
+    must still skip the lr schedule and the EMA, as it does with the unfused AdamW (GPU fp16 emulated on CPU)."""
+    results = {}
+    for fused in ("off", "on"):
+        trainer, models = build_trainer(tiny_base, tiny_teacher, mixed_precision="fp16", fp16_arithmetic=False,
+                                        grad_scaler={"init_scale": 2.0**127}, adam_fused=fused,
+                                        lr_scheduler="linear", lr_warmup_steps=0)
+        lora = [p for _, p in lora_named_parameters(models.unet)]
+        lr_before, lora_before = trainer.lr_scheduler.get_last_lr()[0], [p.detach().clone() for p in lora]
+        # An overflow in the scaled gradients (the losses stay finite): a loss scale near float32's limit.
+        scaler = trainer.accelerator.scaler
+        trainer.step(make_batch(models, PROMPTS[:2]), torch.Generator().manual_seed(0))
+        results[fused] = (scaler.get_scale(), trainer.lr_scheduler.get_last_lr()[0] == lr_before,
+                          trainer.ema.num_updates, all(torch.equal(p, q) for p, q in zip(lora, lora_before)))
+    assert results["off"] == results["on"] == (2.0**126, True, 0, True)
