@@ -141,7 +141,8 @@ class YOSOTrainingStep:
             raise ValueError(f"--max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if step_order not in STEP_ORDERS:
             raise ValueError(f"--step_order must be one of {STEP_ORDERS}, got {step_order!r}")
-        discriminator_chunks_arg(str(discriminator_chunks))  # raises on a bad value
+        if discriminator_chunks < 1 or (discriminator_chunks > 1 and discriminator_chunks % 2):
+            raise ValueError(f"--discriminator_chunks must be 1 or even, got {discriminator_chunks}")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.step_order = step_order
         self.discriminator_chunks = int(discriminator_chunks)
@@ -286,7 +287,10 @@ class YOSOTrainingStep:
         the step skipped (``step_was_skipped`` stays False). The scaler halves its scale exactly when it found
         an inf, so comparing the scale before and after tells, at the cost of one wait for the device."""
         scaler = self.accelerator.scaler
-        probe = scaler is not None and self.accelerator.sync_gradients and uses_fused_step(self.optimizer_g)
+        if not self.accelerator.sync_gradients:  # inside an accumulation window: accelerate does not step
+            self.optimizer_g.step()
+            return False
+        probe = scaler is not None and uses_fused_step(self.optimizer_g)
         scale_before = scaler.get_scale() if probe else None
         self.optimizer_g.step()
         if probe:
