@@ -392,3 +392,22 @@ def test_speed_flags_reach_the_run_and_bad_values_are_refused(capsys, monkeypatc
     check_optional_packages(train_yoso_lora.parse_args(["--use_8bit_adam"]))  # fine alone
     with pytest.raises(ArgumentError, match="--adam_fused on: .*--use_8bit_adam"):
         check_optional_packages(train_yoso_lora.parse_args(["--adam_fused", "on", "--use_8bit_adam"]))
+
+
+def test_two_processes_with_discriminator_first_in_pieces_stay_identical(tiny_base, tiny_teacher, tmp_path):
+    """Under DDP (2 CPU processes, gloo) D's update in pieces exchanges gradients once, after the last piece
+    (the others under no_sync): every rank must still hold the same LoRA and D after training."""
+    from safetensors.torch import load_file
+
+    from harness import launch, tiny_train_args, write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=16)
+    dump = tmp_path / "dump"
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts, tmp_path / "out", steps=2, train_batch_size=2,
+                                    step_order="discriminator_first", discriminator_chunks=2, report_to="none",
+                                    checkpointing_steps=100),
+                    num_processes=2, dump=dump)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and any(k.startswith("d.") for k in rank0)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
