@@ -900,7 +900,7 @@ def main(argv=None):
         return None
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.exact_cpu_memory and args.device == "cpu" or args.exact_cpu_memory and not torch.cuda.is_available():
+    if args.exact_cpu_memory and (args.device == "cpu" or not torch.cuda.is_available()):
         if not return_freed_memory_at_once():
             sys.exit("bench_train_step.py: error: --exact_cpu_memory: glibc's mallopt is not available here")
     bench = Bench(args, config)

@@ -170,7 +170,7 @@ def compile_repeated_blocks(models, backend="inductor"):
 
     # One block class meets many shapes (channels, resolution, batch B / 2B / 3B) and several modes (gradient on
     # or off, the LoRA off in F, D's weights trainable or frozen). With static shapes every channel count would be
-    # a graph of its own (parameters included), over a hundred for SD1.5: compile shapes as symbols instead, so
+    # a graph of its own (parameters included), several dozen for SD1.5: compile shapes as symbols instead, so
     # that only the modes make graphs, and let dynamo keep more than its default 8 per function.
     torch._dynamo.config.force_parameter_static_shapes = False
     torch._dynamo.config.force_nn_module_property_static_shapes = False
