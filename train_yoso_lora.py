@@ -27,7 +27,7 @@ from yoso.library_noise import quiet_library_notices
 from yoso.lora import DEFAULT_TARGET_MODULES, LORA_INITS
 from yoso.losses import GAN_REDUCTIONS, KL_WEIGHTINGS, LOSS_SPACES
 from yoso.precision import fp16_error
-from yoso.step import NonFiniteLossError
+from yoso.step import NonFiniteLossError, discriminator_chunks_arg
 
 logger = logging.getLogger("train_yoso_lora")
 
@@ -166,6 +166,19 @@ def build_parser():
                    help="Frozen weights run in this dtype; LoRA and D stay fp32 (default: accelerate's config).")
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA; default: PyTorch's SDPA attention).")
+    p.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile each resnet and transformer block of the UNet and D (regional compilation: the "
+                        "LoRA layers compile with them); the first steps take longer (default: off, not yet measured on a GPU).")
+    p.add_argument("--channels_last", action="store_true",
+                   help="Run the UNet's and D's convolutions in channels-last layout (default: off, not yet measured on a GPU).")
+    p.add_argument("--adam_fused", default="auto", choices=["auto", "on", "off"],
+                   help="torch's fused AdamW kernel for the LoRA and D (the same update); auto: on CUDA.")
+    p.add_argument("--step_order", default="generator_first", choices=["generator_first", "discriminator_first"],
+                   help="discriminator_first: D's update before G's pass with gradient (a no-grad fake), so G's graph "
+                        "is not alive during it; one more no-grad G pass. Same losses; another memory peak.")
+    p.add_argument("--discriminator_chunks", type=discriminator_chunks_arg, default=1,
+                   help="Run D's update on [real ; fake] in this many pieces (1, or even: 2 = real, then fake); "
+                        "less memory for D's graph, the same gradient.")
     # Checkpoints, validation, logging, hub
     p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-<step> folder every N optimizer steps.")
     p.add_argument("--checkpoints_total_limit", type=int, default=None,

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark of the YOSO training step: seconds per optimizer step, peak memory, UNet passes, phases, FLOPs.
+"""Benchmark of the YOSO training step: seconds per optimizer step, peak memory (overall and per phase), UNet
+passes, phase times, FLOPs and MFU.
 
 Runs the project's own step (``yoso.step.YOSOTrainingStep.step``, the code ``train_yoso_lora.py`` calls)
 on models built from the JSON configs in ``benchmarks/configs`` with random weights (no download):
@@ -10,18 +11,26 @@ on models built from the JSON configs in ``benchmarks/configs`` with random weig
 
 Each option below that takes several values runs every combination, building the models once:
 
-    python benchmarks/bench_train_step.py --config mid --cache off on --output benchmarks/results_mid_cpu.json
-    python benchmarks/bench_train_step.py --config sd15 --mixed_precision fp16 --batch_size 4 16 \
-        --gradient_checkpointing off on --cache off on --output bench_sd15.json
+    python benchmarks/bench_train_step.py --config mid --cache off on --output benchmarks/results/mid_cpu.json
+    python benchmarks/bench_train_step.py --recipe --gradient_checkpointing off on \
+        --step_order generator_first discriminator_first --discriminator_chunks 1 2 --output bench_sd15.json
+
+``--recipe`` is the published per-GPU setting (sd15, fp16, batch 16, gradient checkpointing, EMA, LoRA rank 64,
+512 px); ``--torch_compile``, ``--channels_last`` and ``--adam_fused`` are the training script's flags (one value
+per process: they change how the models are built).
 
 One measured step is what one optimizer step of ``train_yoso_lora.py`` runs (gradient accumulation 1):
 fetching the batch (tokenizing; with the cache, reading the latents by index) and ``trainer.step``.
 "cache on" trains from a teacher-latent cache written by the same code as ``precompute_teacher_latents.py``
 (built once, before the cache-on configurations, then the teacher is freed), so it shows both the time
 saved per step and the memory freed. Phases are timed with a device synchronize at each boundary.
-Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the process RSS (sampled every 10 ms)
-on CPU. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` around one extra step (forward,
-backward and optimizer; recomputation under gradient checkpointing included).
+Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the process RSS (sampled every 10 ms) on CPU,
+over the measured steps and inside each phase (the peak counter is reset at every phase boundary). FLOPs come
+from ``torch.utils.flop_counter.FlopCounterMode`` around one extra step (forward, backward and optimizer;
+recomputation under gradient checkpointing included), and again with checkpointing off for the model's FLOPs:
+MFU = model FLOPs per second / the card's dense 16-bit peak. With ``--torch_compile`` the warm-up steps' extra
+time is reported as compile time. On CUDA one more step runs with ``torch.cuda.set_sync_debug_mode("warn")``
+and counts the host synchronisations by source line.
 
 The run is built by the training script's own builder (``yoso.run.build_run``) from config-built parts
 in place of loaded ones; ``tests/test_benchmark.py`` checks that both give the same modules, dtypes and
@@ -53,7 +62,12 @@ import torch  # noqa: E402
 from yoso.atomic import atomic_path  # noqa: E402
 from yoso.precision import weight_dtype_for  # noqa: E402
 
-PHASES = ("data", "teacher", "generator", "feature_net", "discriminator", "backward", "optimizer", "ema")
+PHASES = ("data", "teacher", "generator", "discriminator", "feature_net", "adversarial", "backward", "optimizer", "ema")
+
+# The published recipe's per-process settings (SPEC section 4), for --recipe; fp16, EMA and the teacher as released.
+RECIPE = {"config": "sd15", "mixed_precision": "fp16", "batch_size": [16], "gradient_checkpointing": ["on"],
+          "lora_rank": 64, "resolution": 512}
+DEFAULTS = {"config": "tiny", "mixed_precision": "no", "gradient_checkpointing": ["off"]}
 
 # Dense FP16/BF16 tensor-core peaks from the vendors' datasheets (TFLOP/s), matched against the device name
 # in this order. Override with --peak_tflops.
@@ -151,28 +165,62 @@ def synchronize(device):
 
 
 class PhaseTimer:
-    """``timer(phase)`` for ``YOSOTrainingStep``: accumulates wall time per phase, synchronizing the device."""
+    """``timer(phase)`` for ``YOSOTrainingStep``: accumulates wall time per phase, synchronizing the device, and,
+    with a ``memory`` probe, the peak memory inside each phase (the stretches between phases count as "other")."""
 
-    def __init__(self, device):
+    def __init__(self, device, memory=None):
         self.device = device
+        self.memory = memory
         self.totals = {}
+        self.peaks = {}
 
     def reset(self):
         self.totals = {}
 
+    def _fold(self, phase):
+        if self.memory is not None:
+            self.peaks[phase] = max(self.peaks.get(phase, 0), self.memory.window_peak())
+            self.memory.new_window()
+
     @contextmanager
     def __call__(self, phase):
         synchronize(self.device)
+        self._fold("other")
         start = time.perf_counter()
         try:
             yield
         finally:
             synchronize(self.device)
             self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+            self._fold(phase)
+
+
+class CudaPeakMemory:
+    """Peak ``torch.cuda.max_memory_allocated`` over a window (reset per phase) and over all windows."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = 0
+
+    def new_window(self):
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def window_peak(self):
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def __enter__(self):
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.peak = 0
+        return self
+
+    def __exit__(self, *exc):
+        self.new_window()
+        return False
 
 
 class PeakRSS:
-    """Peak resident set size of this process while running (a polling thread)."""
+    """Peak resident set size of this process while running (a polling thread), overall and per window."""
 
     def __init__(self, interval=0.01):
         import psutil
@@ -180,14 +228,27 @@ class PeakRSS:
         self.process = psutil.Process()
         self.interval = interval
         self.peak = 0
+        self.window = 0
         self._stop = threading.Event()
         self._thread = None
 
     def current(self):
         return self.process.memory_info().rss
 
+    def _sample(self):
+        rss = self.current()
+        self.peak = max(self.peak, rss)
+        return rss
+
+    def new_window(self):
+        self.window = self._sample()
+
+    def window_peak(self):
+        self.window = max(self.window, self._sample())
+        return self.window
+
     def __enter__(self):
-        self.peak = self.current()
+        self.peak = self.window = self.current()
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -195,7 +256,7 @@ class PeakRSS:
 
     def _poll(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.current())
+            self.window = max(self.window, self._sample())
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -240,7 +301,43 @@ def peak_tflops_for(device_name, mixed_precision, override=None):
         if key in device_name:
             return value
     return None
-    return None
+
+
+def count_host_syncs(run_step, device):
+    """Run ``run_step()`` once with CUDA's sync debug mode on: each operation that makes the host wait for the
+    device warns. Returns (count, {"file:line": count}) or None off CUDA."""
+    import warnings
+
+    if device.type != "cuda":
+        return None
+    sites = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            site = f"{Path(w.filename).name}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    return sum(sites.values()), dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
+def return_freed_memory_at_once(threshold=64 << 10):
+    """CPU: make glibc serve every allocation of ``threshold`` bytes or more with its own mmap and unmap it when
+    freed (``mallopt(M_MMAP_THRESHOLD)``, the same as the environment variable ``MALLOC_MMAP_THRESHOLD_``), so
+    that the process RSS follows the live tensors and a phase's RSS peak is that phase's own. By default glibc
+    keeps freed memory, and RSS only ever shows the high-water mark. Costs page faults: time figures of such a
+    run are slower than usual. Returns whether it took effect."""
+    try:
+        import ctypes
+
+        m_mmap_threshold = -3
+        return bool(ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 def release_memory(cuda):
@@ -302,7 +399,9 @@ class Bench:
         # The teacher is always built: cache-off configurations run it, and it writes the cache for cache-on ones.
         parts = build_parts(self.config, self.device, self.weight_dtype)
         settings = run_settings(self.config, self.resolution, self.lora_rank, args.teacher_num_inference_steps,
-                                use_ema=True, learning_rate=1e-5, use_8bit_adam=args.use_8bit_adam, seed=args.seed)
+                                use_ema=True, learning_rate=1e-5, use_8bit_adam=args.use_8bit_adam, seed=args.seed,
+                                adam_fused=args.adam_fused, torch_compile=args.torch_compile,
+                                torch_compile_backend=args.torch_compile_backend, channels_last=args.channels_last)
         self.run = build_run(settings, self.accelerator, num_training_steps=args.warmup_steps + args.steps + 1,
                              parts=parts)
         self.models = m = self.run.models
@@ -333,7 +432,8 @@ class Bench:
         return [f"{subjects[i % len(subjects)]}, variation {i}" for i in range(count)]
 
     def num_prompts(self):
-        return max(self.args.batch_size) * (self.args.warmup_steps + self.args.steps + 1)
+        # Warm-up, measured, then up to three single steps (host syncs, FLOPs, FLOPs without checkpointing).
+        return max(self.args.batch_size) * (self.args.warmup_steps + self.args.steps + 3)
 
     def build_cache(self):
         """Write a teacher-latent cache with the project's precompute code, then free the teacher."""
@@ -394,19 +494,21 @@ class Bench:
         return psutil.Process().memory_info().rss
 
     # -- one configuration
-    def run_config(self, batch_size, gradient_checkpointing, cache):
+    def run_config(self, batch_size, gradient_checkpointing, cache, step_order="generator_first", discriminator_chunks=1):
         from yoso.data import ShardedPromptSampler, tokenize_prompts
         from yoso.step import NonFiniteLossError, no_timer, step_generator
 
         args, m, accelerator = self.args, self.models, self.accelerator
-        name = f"bs{batch_size}-gc_{'on' if gradient_checkpointing else 'off'}-cache_{cache}"
+        name = config_name(batch_size, gradient_checkpointing, cache, step_order, discriminator_chunks)
         result = {"name": name, "batch_size": batch_size, "resolution": self.resolution,
                   "gradient_checkpointing": gradient_checkpointing, "cache": cache == "on",
+                  "step_order": step_order, "discriminator_chunks": discriminator_chunks,
                   "mixed_precision": accelerator.mixed_precision, "use_8bit_adam": args.use_8bit_adam}
         set_gradient_checkpointing([self.unet_module, self.discriminator_module], gradient_checkpointing)
         timer = PhaseTimer(self.device)
         trainer = self.run.trainer
         trainer.timer = timer
+        trainer.step_order, trainer.discriminator_chunks = step_order, discriminator_chunks
         trainer.latent_source = m.latent_source if cache == "off" else None
         prompts = self.prompts(self.num_prompts())
         sampler = ShardedPromptSampler(len(prompts), batch_size, 1, 0, args.seed)
@@ -423,43 +525,68 @@ class Bench:
                 if cache == "on":
                     batch["latents"] = self.reader.latents(epoch, indices)
             with accelerator.accumulate(self.unet, self.discriminator):
-                trainer.step(batch, step_generator(args.seed, i, 0))
+                return trainer.step(batch, step_generator(args.seed, i, 0))
+
+        def timed_step(i):
+            synchronize(self.device)
+            start = time.perf_counter()
+            logs = one_step(i)
+            synchronize(self.device)
+            seconds = time.perf_counter() - start
+            if i == args.warmup_steps:  # the first measured step's losses (same seeds and data in every run)
+                result["first_measured_losses"] = {k: logs[k].item() for k in ("loss_con", "loss_kl", "loss_adv", "loss_d")}
+            return seconds
 
         seconds, phases = [], []
         status = "ok"
+        extra = args.warmup_steps + args.steps  # index of the next step after the measured ones
         try:
+            result["status"], result["warmup_seconds"] = "running", []
+            self.write(running=result)
             for i in range(args.warmup_steps):
-                one_step(i)
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
+                result["warmup_seconds"].append(round(timed_step(i), 4))
+                self.write(running=result)
+            if args.torch_compile:
+                import torch._dynamo.utils
+
+                result["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
             result["resident_memory"] = self.memory_now()
-            rss = PeakRSS() if not self.cuda else None
-            if rss is not None:
-                rss.__enter__()
+            memory = CudaPeakMemory(self.device) if self.cuda else PeakRSS()
+            timer.memory = memory
             self.passes.reset()
             self.passes.active = True
             try:
-                for i in range(args.warmup_steps, args.warmup_steps + args.steps):
-                    timer.reset()
-                    synchronize(self.device)
-                    start = time.perf_counter()
-                    one_step(i)
-                    synchronize(self.device)
-                    seconds.append(time.perf_counter() - start)
-                    phases.append(dict(timer.totals))
+                with memory:
+                    for i in range(args.warmup_steps, args.warmup_steps + args.steps):
+                        timer.reset()
+                        seconds.append(timed_step(i))
+                        phases.append(dict(timer.totals))
             finally:
                 self.passes.active = False
-                if rss is not None:
-                    rss.__exit__(None, None, None)
-            result["peak_memory"] = torch.cuda.max_memory_allocated(self.device) if self.cuda else rss.peak
+                timer.memory = None
+            result["peak_memory"] = memory.peak
+            result["phase_peak_memory"] = dict(timer.peaks)
             result["memory_kind"] = self.memory_kind()
+            trainer.timer = no_timer  # no benchmark synchronisation in the steps below
+            syncs = count_host_syncs(lambda: one_step(extra), self.device)
+            extra += 1
+            if syncs is not None:
+                result["host_syncs_per_step"], result["host_sync_sites"] = syncs
             if args.flops:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    one_step(args.warmup_steps + args.steps)
-                result["flops_per_step"] = int(counter.get_total_flops())
+                result["flops_per_step"] = self.count_flops(lambda: one_step(extra))
+                extra += 1
+                if gradient_checkpointing:  # the model's FLOPs, without the recomputation (for MFU)
+                    set_gradient_checkpointing([self.unet_module, self.discriminator_module], False)
+                    try:
+                        result["model_flops_per_step"] = self.count_flops(lambda: one_step(extra))
+                        extra += 1
+                    except Exception as error:
+                        result["model_flops_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                        release_memory(self.cuda)
+                    finally:
+                        set_gradient_checkpointing([self.unet_module, self.discriminator_module], True)
+                else:
+                    result["model_flops_per_step"] = result["flops_per_step"]
         except NonFiniteLossError as error:
             status, result["error"] = "nonfinite", str(error)
         except Exception as error:  # one failed configuration must not lose the others
@@ -482,6 +609,9 @@ class Bench:
             result["seconds_per_step"] = [round(s, 4) for s in seconds]
             result["median_seconds_per_step"] = median
             result["images_per_second"] = batch_size / median
+            if args.torch_compile and result["warmup_seconds"]:
+                # The warm-up steps' time beyond that of as many measured steps: compilation (and autotuning).
+                result["compile_seconds"] = max(sum(result["warmup_seconds"]) - len(result["warmup_seconds"]) * median, 0.0)
             split = {p: statistics.median([ph.get(p, 0.0) for ph in phases]) for p in PHASES}
             split["other"] = max(median - sum(split.values()), 0.0)
             result["phases_median_seconds"] = split
@@ -494,8 +624,20 @@ class Bench:
                 peak = peak_tflops_for(self.report["device"]["name"], accelerator.mixed_precision, args.peak_tflops)
                 if peak:
                     result["peak_tflops"] = peak
-                    result["utilization_of_peak"] = result["achieved_tflops"] / peak
+                if "model_flops_per_step" in result:
+                    result["model_tflops"] = result["model_flops_per_step"] / median / 1e12
+                    if peak:
+                        result["mfu"] = result["model_tflops"] / peak
         return result
+
+    def count_flops(self, run_step):
+        """FLOPs of one step (forward, backward, optimizer; a checkpointed block's recomputation included)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run_step()
+        return int(counter.get_total_flops())
 
     # -- everything
     def environment(self):
@@ -515,11 +657,14 @@ class Bench:
                           torch_threads=torch.get_num_threads())
         return device
 
-    def write(self):
+    def write(self, running=None):
+        """The report so far; ``running``: a configuration still being measured, recorded as it stands (so a
+        run killed by a time limit during a long warm-up, e.g. compiling, still says how far it got)."""
         if not self.args.output:
             return
+        report = self.report if running is None else {**self.report, "results": self.report["results"] + [running]}
         with atomic_path(self.args.output) as tmp:
-            tmp.write_text(json.dumps(self.report, indent=2) + "\n")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
 
     def run(self):
         args = self.args
@@ -529,11 +674,20 @@ class Bench:
             "resolution": self.resolution, "lora_rank": self.lora_rank, "mixed_precision": self.accelerator.mixed_precision,
             "weight_dtype": str(self.weight_dtype), "warmup_steps": args.warmup_steps, "measured_steps": args.steps,
             "teacher_num_inference_steps": args.teacher_num_inference_steps, "use_8bit_adam": args.use_8bit_adam,
-            "use_ema": True, "seed": args.seed, "command": " ".join(sys.argv),
+            "use_ema": True, "seed": args.seed, "recipe": args.recipe, "adam_fused": args.adam_fused,
+            "torch_compile": args.torch_compile, "torch_compile_backend": args.torch_compile_backend,
+            "channels_last": args.channels_last, "exact_cpu_memory": args.exact_cpu_memory,
+            "malloc_mmap_threshold_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "command": " ".join(sys.argv),
         }
         self.report["results"] = []
         self.write()
         self.build()
+        from yoso.step import uses_fused_step
+
+        self.report["settings"]["fused_adamw"] = uses_fused_step(self.run.optimizer_g)
+        self.report["settings"]["compiled_blocks"] = sum(
+            getattr(m, "_compiled_call_impl", None) is not None
+            for model in (self.unet_module, self.discriminator_module) for m in model.modules())
         self.write()
         print(f"[bench] {self.config['name']} on {self.report['device']['name']} ({self.device.type}), "
               f"built in {self.build_seconds:.1f}s", flush=True)
@@ -546,11 +700,17 @@ class Bench:
                       f"{c['teacher_memory_freed'] / 2**20:.0f} MiB ({c['memory_kind']})", flush=True)
             for batch_size in args.batch_size:
                 for gc_mode in args.gradient_checkpointing:
-                    result = self.run_config(batch_size, gc_mode == "on", cache)
-                    self.report["results"].append(result)
-                    self.write()
-                    print(f"[bench] {format_result(result)}", flush=True)
-        print(format_table(self.report), flush=True)
+                    for step_order in args.step_order:
+                        for chunks in args.discriminator_chunks:
+                            result = self.run_config(batch_size, gc_mode == "on", cache, step_order, chunks)
+                            self.report["results"].append(result)
+                            self.write()
+                            print(f"[bench] {format_result(result)}", flush=True)
+        table = format_table(self.report)
+        print(table, flush=True)
+        if self.args.output:  # the tables beside the JSON (gpu_run.sh commits both)
+            with atomic_path(Path(self.args.output).with_suffix(".md")) as tmp:
+                tmp.write_text(table + "\n")
         return self.report
 
 
@@ -558,45 +718,112 @@ def size(nbytes):
     return f"{nbytes / 2**30:.2f} GiB" if abs(nbytes) >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
+def config_name(batch_size, gradient_checkpointing, cache, step_order="generator_first", discriminator_chunks=1):
+    name = f"bs{batch_size}-gc_{'on' if gradient_checkpointing else 'off'}-cache_{cache}"
+    if step_order != "generator_first":
+        name += f"-{step_order}"
+    if discriminator_chunks != 1:
+        name += f"-dchunks{discriminator_chunks}"
+    return name
+
+
 def format_result(r):
     if r["status"] != "ok":
         return f"{r['name']}: {r['status']} ({r.get('error', '')})"
+    if "median_seconds_per_step" not in r:
+        return f"{r['name']}: built, no step measured"
     mib = r["peak_memory"] / 2**20
     flops = f", {r['achieved_tflops']:.2f} TFLOP/s" if "achieved_tflops" in r else ""
-    return f"{r['name']}: {r['median_seconds_per_step']:.3f} s/step, peak {mib:.0f} MiB{flops}"
+    mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+    compiled = f", compile {r['compile_seconds']:.1f}s" if "compile_seconds" in r else ""
+    syncs = f", {r['host_syncs_per_step']} host syncs" if "host_syncs_per_step" in r else ""
+    return f"{r['name']}: {r['median_seconds_per_step']:.3f} s/step, peak {mib:.0f} MiB{flops}{mfu}{compiled}{syncs}"
+
+
+def model_flops(report, r):
+    """FLOPs of the step without checkpointing's recomputation: counted (newer reports), or else those of the
+    same configuration without checkpointing in the same report (earlier ones), or None."""
+    if r.get("model_flops_per_step"):
+        return r["model_flops_per_step"]
+    if not r["gradient_checkpointing"]:
+        return r.get("flops_per_step")
+    key = lambda x: (x["batch_size"], x["cache"], x.get("step_order", "generator_first"), x.get("discriminator_chunks", 1))  # noqa: E731
+    same = [x for x in report["results"] if x["status"] == "ok" and not x["gradient_checkpointing"] and key(x) == key(r)]
+    return same[0].get("flops_per_step") if same else None
+
+
+def mfu_of(report, r):
+    """Model FLOP utilization: model FLOPs per second over the card's dense 16-bit peak (None when unknown)."""
+    flops, peak = model_flops(report, r), r.get("peak_tflops")
+    if peak is None and report["device"]["type"] == "cuda":
+        peak = peak_tflops_for(report["device"].get("name", ""), report["settings"]["mixed_precision"])
+    return flops / r["median_seconds_per_step"] / 1e12 / peak if flops and peak else None
 
 
 def format_table(report):
-    """The results as a Markdown table (the README's performance section uses this)."""
+    """The results as Markdown tables: the step, its phases' times, their peak memory (the README uses them)."""
     device = report["device"]
+    settings = report["settings"]
     where = f"{device['name']} ({device['type']}" + (f", {device.get('cpu_count')} cores" if device["type"] == "cpu" else "") + ")"
-    lines = [f"{report['config']} on {where}, {report['settings']['mixed_precision']} mixed precision, "
-             f"{report['settings']['resolution']} px, LoRA rank {report['settings']['lora_rank']}",
+    speed = [name for name, on in (("torch.compile", settings.get("torch_compile")), ("channels-last", settings.get("channels_last")),
+                                   ("fused AdamW", settings.get("fused_adamw"))) if on]
+    lines = [f"{report['config']} on {where}, {settings['mixed_precision']} mixed precision, "
+             f"{settings['resolution']} px, LoRA rank {settings['lora_rank']}" + (f", {', '.join(speed)}" if speed else ""),
              "",
-             "| batch | grad. ckpt | cache | s/step | img/s | peak mem (GiB) | text enc. + teacher | G fwd | F fwd | D (fwd+upd) "
-             "| G backward | optim+EMA | data | GFLOP/step | TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | grad. ckpt | cache | order | D chunks | s/step | img/s | peak mem (GiB) | GFLOP/step (model / run) "
+             "| model TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ok = []
     for r in report["results"]:
-        head = f"| {r['batch_size']} | {'on' if r['gradient_checkpointing'] else 'off'} | {'on' if r['cache'] else 'off'} "
+        head = (f"| {r['batch_size']} | {'on' if r['gradient_checkpointing'] else 'off'} | {'on' if r['cache'] else 'off'} "
+                f"| {r.get('step_order', 'generator_first')} | {r.get('discriminator_chunks', 1)} ")
         if r["status"] != "ok":
-            lines.append(head + f"| {r['status'].upper()} |" + " |" * 12)
+            lines.append(head + f"| {r['status'].upper()} |" + " |" * 5)
             continue
-        p = r["phases_median_seconds"]
-        flops = r.get("flops_per_step")
-        flop_cells = f"| {flops / 1e9:.1f} | {r['achieved_tflops']:.3f} |" if flops else "| - | - |"
+        if "median_seconds_per_step" not in r:
+            lines.append(head + "| no step measured |" + " |" * 5)
+            continue
+        ok.append((head, r))
+        flops, model, mfu = r.get("flops_per_step"), model_flops(report, r), mfu_of(report, r)
+        median = r["median_seconds_per_step"]
+        giga = lambda x: f"{x / 1e9:.1f}" if x else "-"  # noqa: E731
+        model_rate = f"{model / median / 1e12:.2f}" if model else "-"
         lines.append(
-            head + f"| {r['median_seconds_per_step']:.3f} | {r['images_per_second']:.2f} | {r['peak_memory'] / 2**30:.2f} "
-            f"| {p['teacher']:.3f} | {p['generator']:.3f} | {p['feature_net']:.3f} | {p['discriminator']:.3f} "
-            f"| {p['backward']:.3f} | {p['optimizer'] + p['ema']:.3f} | {p['data']:.3f} " + flop_cells)
+            head + f"| {median:.3f} | {r['images_per_second']:.2f} | {r['peak_memory'] / 2**30:.2f} "
+            f"| {giga(model)} / {giga(flops)} | {model_rate} | {f'{mfu:.1%}' if mfu else '-'} |")
+    if ok:
+        lines += ["", "Median seconds per phase (device-synchronized):", "",
+                  "| batch | grad. ckpt | cache | order | D chunks | " + " | ".join(PHASES) + " | other |",
+                  "|---|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
+        for head, r in ok:
+            p = r["phases_median_seconds"]
+            lines.append(head + "| " + " | ".join(f"{p[k]:.3f}" if k in p else "-" for k in (*PHASES, "other")) + " |")
+    with_memory = [(head, r) for head, r in ok if r.get("phase_peak_memory")]
+    if with_memory:
+        kind = "torch.cuda.max_memory_allocated" if with_memory[0][1]["memory_kind"] != "process_rss" else "process RSS"
+        lines += ["", f"Peak memory inside each phase, MiB ({kind}, reset at each phase boundary; 'other': between "
+                      "phases; 'resident': before the measured steps):",
+                  "", "| batch | grad. ckpt | cache | order | D chunks | resident | " + " | ".join(PHASES) + " | other |",
+                  "|---|---|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
+        for head, r in with_memory:
+            m = r["phase_peak_memory"]
+            lines.append(head + f"| {r['resident_memory'] / 2**20:.0f} | "
+                         + " | ".join(f"{m[k] / 2**20:.0f}" if k in m else "-" for k in (*PHASES, "other")) + " |")
+    extras = [f"{r['name']}: {r['compile_seconds']:.1f} s compiling ({r.get('compiled_graphs', '?')} graphs)"
+              for _, r in ok if "compile_seconds" in r]
+    extras += [f"{r['name']}: {r['host_syncs_per_step']} host syncs per step "
+               f"({', '.join(f'{k} x{v}' for k, v in list(r['host_sync_sites'].items())[:6])})"
+               for _, r in ok if "host_syncs_per_step" in r]
+    if extras:
+        lines += [""] + [f"- {e}" for e in extras]
     if "cache" in report:
         c = report["cache"]
         lines += ["", f"Cache: built for {c['prompts']} prompts in {c['build_seconds']:.2f} s "
                       f"({c['seconds_per_prompt'] * 1e3:.1f} ms/prompt, {c['bytes_on_disk'] / c['prompts'] / 1024:.1f} KiB/prompt "
                       f"on disk); freeing the teacher ({size(c['teacher_weight_bytes'])} of weights) released "
                       f"{size(c['teacher_memory_freed'])} ({c['memory_kind']})."]
-    ok = [r for r in report["results"] if r["status"] == "ok"]
     if ok:
-        r = ok[0]
+        r = ok[0][1]
         passes = ", ".join(f"{k} {v:g}" for k, v in r["unet_passes_per_step"].items())
         lines += [f"UNet passes per step ({r['name']}): {passes}."]
     return "\n".join(lines)
@@ -604,27 +831,54 @@ def format_table(report):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark the YOSO training step on config-built random-weight models.")
-    p.add_argument("--config", default="tiny", help="tiny, mid, sd15, or a path to a JSON config.")
+    p.add_argument("--recipe", action="store_true",
+                   help="The published settings: --config sd15 --mixed_precision fp16 --batch_size 16 "
+                        "--gradient_checkpointing on --lora_rank 64 --resolution 512 (EMA and the teacher always run); "
+                        "options given with it take precedence.")
+    p.add_argument("--config", default=None, help="tiny (default), mid, sd15, or a path to a JSON config.")
     p.add_argument("--batch_size", type=int, nargs="+", default=None, help="Prompts per step (default: the config's).")
     p.add_argument("--resolution", type=int, default=None, help="Default: the config's.")
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--gradient_checkpointing", nargs="+", default=["off"], choices=["off", "on"])
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Default: no.")
+    p.add_argument("--gradient_checkpointing", nargs="+", default=None, choices=["off", "on"], help="Default: off.")
     p.add_argument("--cache", nargs="+", default=["off"], choices=["off", "on"],
                    help="off: the teacher runs every step; on: latents from a teacher-latent cache (teacher freed).")
-    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for the LoRA (CUDA).")
+    p.add_argument("--step_order", nargs="+", default=["generator_first"], choices=["generator_first", "discriminator_first"],
+                   help="The training step's order (train_yoso_lora.py --step_order).")
+    p.add_argument("--discriminator_chunks", type=int, nargs="+", default=[1],
+                   help="Pieces of D's update (train_yoso_lora.py --discriminator_chunks): 1 or even.")
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for the LoRA and D (CUDA).")
+    p.add_argument("--adam_fused", default="auto", choices=["auto", "on", "off"], help="As train_yoso_lora.py (auto: on CUDA).")
+    p.add_argument("--torch_compile", action="store_true", help="As train_yoso_lora.py; compile time is reported apart.")
+    p.add_argument("--torch_compile_backend", default="inductor")
+    p.add_argument("--channels_last", action="store_true", help="As train_yoso_lora.py.")
     p.add_argument("--lora_rank", type=int, default=None, help="Default: the config's.")
     p.add_argument("--teacher_num_inference_steps", type=int, default=1)
     p.add_argument("--warmup_steps", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="Measured steps per configuration.")
-    p.add_argument("--no_flops", dest="flops", action="store_false", help="Skip the FLOP-counting step.")
-    p.add_argument("--peak_tflops", type=float, default=None, help="The device's peak, for the utilization column.")
+    p.add_argument("--no_flops", dest="flops", action="store_false", help="Skip the FLOP-counting steps.")
+    p.add_argument("--peak_tflops", type=float, default=None, help="The device's dense 16-bit peak, for MFU.")
     p.add_argument("--cache_shard_size", type=int, default=16, help="Prompts per cache shard (small: reads cross shards).")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="cpu forces the CPU even with a GPU.")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--exact_cpu_memory", action="store_true",
+                   help="CPU: freed tensor memory goes back to the system at once, so RSS per phase follows live "
+                        "memory (glibc's mmap threshold 64 KiB, as MALLOC_MMAP_THRESHOLD_=65536); slows the steps.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="JSON file (rewritten after every configuration).")
+    p.add_argument("--output", default=None,
+                   help="JSON file (rewritten after every configuration); the Markdown tables go beside it (.md) at the end.")
     p.add_argument("--print_table", metavar="JSON", default=None, help="Only print the table of an earlier run's JSON.")
+    p.add_argument("--check", action="store_true",
+                   help="Only check the options and the config and list the configurations (gpu_run.sh --dry-run).")
     args = p.parse_args(argv)
+    for name, value in (RECIPE if args.recipe else {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for chunks in args.discriminator_chunks:
+        if chunks < 1 or (chunks > 1 and chunks % 2):
+            p.error(f"--discriminator_chunks {chunks}: give 1 or an even number")
     args.cache = sorted(set(args.cache), key=["off", "on"].index)  # the teacher runs before it is freed
     return args
 
@@ -637,8 +891,18 @@ def main(argv=None):
     config, _ = load_config(args.config)
     if args.batch_size is None:
         args.batch_size = [config.get("batch_size", 4)]
+    if args.check:
+        names = [config_name(b, g == "on", c, o, k) for c in args.cache for b in args.batch_size
+                 for g in args.gradient_checkpointing for o in args.step_order for k in args.discriminator_chunks]
+        per_process = {k: getattr(args, k) for k in ("mixed_precision", "resolution", "lora_rank", "adam_fused",
+                                                      "torch_compile", "channels_last", "exact_cpu_memory")}
+        print(f"[bench] check: {config['name']} {per_process}: {', '.join(names)}")
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.exact_cpu_memory and (args.device == "cpu" or not torch.cuda.is_available()):
+        if not return_freed_memory_at_once():
+            sys.exit("bench_train_step.py: error: --exact_cpu_memory: glibc's mallopt is not available here")
     bench = Bench(args, config)
     report = bench.run()
     failed = [r["name"] for r in report["results"] if r["status"] == "error"]

@@ -22,19 +22,31 @@ def bench_module():
     return module
 
 
-def check_report(report, names):
+def check_report(report, names, flops=True):
     assert [r["name"] for r in report["results"]] == names
     for r in report["results"]:
         assert r["status"] == "ok", r
-        assert r["median_seconds_per_step"] > 0 and r["peak_memory"] > 0 and r["flops_per_step"] > 0
+        assert r["median_seconds_per_step"] > 0 and r["peak_memory"] > 0
         assert r["memory_kind"] == "process_rss"
-        assert set(r["phases_median_seconds"]) == {"data", "teacher", "generator", "feature_net", "discriminator",
-                                                   "backward", "optimizer", "ema", "other"}
-        passes = {"generator": 2, "feature_net": 2, "discriminator": 2}  # F: pred with a graph, the target without
+        phases = {"data", "teacher", "generator", "discriminator", "feature_net", "adversarial", "backward", "optimizer", "ema"}
+        assert set(r["phases_median_seconds"]) == phases | {"other"}
+        # Per-phase peaks (every phase ran, and the stretches between them); none above the overall peak.
+        assert set(r["phase_peak_memory"]) == phases | {"other"}
+        assert 0 < min(r["phase_peak_memory"].values()) and max(r["phase_peak_memory"].values()) <= r["peak_memory"]
+        if flops:
+            assert r["flops_per_step"] > 0 and r["model_flops_per_step"] > 0
+            # Checkpointing recomputes: the step runs more FLOPs than the model's; without it, the same.
+            assert (r["flops_per_step"] > r["model_flops_per_step"]) == r["gradient_checkpointing"]
+            assert "mfu" not in r  # no dense peak known for a CPU
+        first = r["step_order"] == "discriminator_first"
+        chunks = r["discriminator_chunks"]
+        # G: x_t with a graph, [x_td ; x_tp] without (discriminator_first: [x_t ; x_td ; x_tp] without, x_t with).
+        # F: pred with a graph, the target without. D: its update in `chunks` passes, then G's output.
+        passes = {"generator": 2, "feature_net": 2, "discriminator": chunks + 1}
+        samples = {"generator": 4 if first else 3, "feature_net": 2, "discriminator": 3}
         if not r["cache"]:
-            passes["teacher"] = 1  # SD-Turbo: one teacher step
+            passes["teacher"], samples["teacher"] = 1, 1  # SD-Turbo: one teacher step
         assert r["unet_passes_per_step"] == passes | {"total": sum(passes.values())}
-        samples = {"generator": 3, "feature_net": 2, "discriminator": 3} | ({} if r["cache"] else {"teacher": 1})
         assert r["unet_samples_per_prompt"] == samples
     assert report["device"]["type"] == "cpu"
 
@@ -49,11 +61,13 @@ def test_tiny_smoke_run(tmp_path):
     report = json.loads(out.read_text())
     check_report(report, ["bs4-gc_off-cache_off", "bs4-gc_off-cache_on"])
     cache = report["cache"]
-    assert cache["prompts"] == 4 * 3 and cache["bytes_on_disk"] > 0 and "teacher_memory_freed" in cache
+    assert cache["prompts"] == 4 * 5 and cache["bytes_on_disk"] > 0 and "teacher_memory_freed" in cache
     # The markdown table renders from the JSON.
     table = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--print_table", str(out)],
                            capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
-    assert table.returncode == 0 and table.stdout.count("\n| 4 | off |") == 2 and "(cpu, " in table.stdout
+    assert table.returncode == 0 and "(cpu, " in table.stdout
+    assert table.stdout.count("\n| 4 | off | off | generator_first | 1 |") == 3  # step, phase times, phase memory
+    assert table.stdout.count("\n| 4 | off | on | generator_first | 1 |") == 3
 
 
 def test_gpu_script_dry_run(tmp_path):
@@ -62,16 +76,52 @@ def test_gpu_script_dry_run(tmp_path):
                             text=True, timeout=900, env={**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "bench_tiny_dryrun.json", "bench_tiny_dryrun.md", "fp16_e2e_cpuemulatedfp16.json",
+        "bench_order_dryrun.json", "bench_order_dryrun.md", "fp16_e2e_cpuemulatedfp16.json",
         "fp16_e2e_cpuemulatedfp16_validation.png", "gpu_run.log"]
     e2e = json.loads((tmp_path / "fp16_e2e_cpuemulatedfp16.json").read_text())
     assert e2e["passed"] and len(e2e["checks"]) == 7 and all(e2e["checks"].values())
     assert max(e2e["resume"]["max_abs_difference"].values()) <= 1e-6  # CPU: exact
     assert len(e2e["losses"]["loss_kl"]) == e2e["steps"]
-    report = json.loads((tmp_path / "bench_tiny_dryrun.json").read_text())
-    check_report(report, [f"bs{b}-gc_{g}-cache_{c}" for c in ("off", "on") for b in (2, 4) for g in ("off", "on")])
+    order = json.loads((tmp_path / "bench_order_dryrun.json").read_text())
+    check_report(order, ["bs2-gc_on-cache_off-dchunks2", "bs2-gc_on-cache_off-discriminator_first-dchunks2"])
     log = (tmp_path / "gpu_run.log").read_text()
-    assert "diffusers 0." in log and "configurations: " in log
+    assert "diffusers 0." in log and log.count("== configurations: ") == 1
+    # The GPU calls' own options, checked: the recipe and every configuration each call will run.
+    checks = [line for line in log.splitlines() if line.startswith("[bench] check: sd15 ")]
+    assert len(checks) == 3
+    assert checks[0].endswith(": " + ", ".join(f"bs16-gc_{g}-cache_off{o}{c}" for g in ("off", "on")
+                                              for o in ("", "-discriminator_first") for c in ("", "-dchunks2")))
+    assert "'channels_last': True" in checks[1] and checks[1].endswith(": bs16-gc_off-cache_off, bs16-gc_on-cache_off")
+    assert "'torch_compile': True" in checks[2] and "'mixed_precision': 'fp16'" in checks[2]
+
+
+def test_recipe_is_the_published_setting():
+    """--recipe: SPEC section 4's per-GPU setting; options given with it take precedence; bad chunks refused."""
+    bench = bench_module()
+    args = bench.parse_args(["--recipe"])
+    assert (args.config, args.mixed_precision, args.batch_size, args.gradient_checkpointing, args.lora_rank,
+            args.resolution) == ("sd15", "fp16", [16], ["on"], 64, 512)
+    args = bench.parse_args(["--recipe", "--gradient_checkpointing", "off", "on", "--batch_size", "8"])
+    assert (args.config, args.batch_size, args.gradient_checkpointing) == ("sd15", [8], ["off", "on"])
+    args = bench.parse_args([])
+    assert (args.config, args.mixed_precision, args.gradient_checkpointing) == ("tiny", "no", ["off"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--discriminator_chunks", "3"])
+    assert exit_info.value.code == 2
+
+
+def test_mfu_uses_the_models_flops_and_the_cards_peak():
+    """MFU = model FLOPs (no checkpointing recomputation) / s / dense peak; an earlier report without a model-FLOP
+    count takes them from the same configuration without checkpointing. Values from the 2026-11-30 H200 run."""
+    bench = bench_module()
+    report = json.loads((REPO / "benchmarks" / "results" / "2026-11-30-h200" / "bench_sd15_h200.json").read_text())
+    by_name = {r["name"]: r for r in report["results"]}
+    off, on = by_name["bs16-gc_off-cache_off"], by_name["bs16-gc_on-cache_off"]
+    assert bench.model_flops(report, on) == off["flops_per_step"] < on["flops_per_step"]
+    assert abs(bench.mfu_of(report, off) - off["flops_per_step"] / off["median_seconds_per_step"] / 989.4e12) < 1e-12
+    assert abs(bench.mfu_of(report, on) - 0.1325) < 0.001
+    table = bench.format_table(report)
+    assert "| MFU |" in table and "| 16 | on | off | generator_first | 1 | 0.993 |" in table and "13.3%" in table
 
 
 def test_failed_configuration_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):

@@ -36,6 +36,8 @@ def check_optional_packages(args):
                             "(CUDA only: pip install xformers, or drop the flag; PyTorch SDPA is the default)")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise ArgumentError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes, or drop the flag)")
+    if args.use_8bit_adam and getattr(args, "adam_fused", "auto") == "on":
+        raise ArgumentError("--adam_fused on: bitsandbytes' AdamW8bit (--use_8bit_adam) has no fused variant; drop one of the two")
 
 
 def check_output_dir(path):

@@ -27,6 +27,11 @@ class YOSOSchedule:
         self._a = self.alphas_cumprod.sqrt()
         self._s = (1.0 - self.alphas_cumprod).sqrt()
 
+    def to(self, device):
+        """Keep the tables on ``device`` (the training step's), so that indexing them with t copies nothing."""
+        self.alphas_cumprod, self._a, self._s = (x.to(device) for x in (self.alphas_cumprod, self._a, self._s))
+        return self
+
     @classmethod
     def from_scheduler(cls, scheduler, prediction_type=None):
         """Build from any diffusers scheduler of the base model (its ``alphas_cumprod`` and ``prediction_type``)."""
