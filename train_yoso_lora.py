@@ -353,7 +353,7 @@ def train(args, checked, accelerator, output_dir):
                                                max_train_steps * args.gradient_accumulation_steps,
                                                data.batches_per_epoch, args.train_batch_size)
     state = TrainState()
-    latent_stats = LatentStats(models.latent_shape)
+    latent_stats = LatentStats(models.latent_shape, accelerator.device)
     register_checkpointing(run, [state, latent_stats, run.ema])
 
     # ---- resume -------------------------------------------------------------------------------------

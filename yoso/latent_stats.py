@@ -28,24 +28,30 @@ class LatentStats:
     """Running mean latent ``[C, h, w]`` and scalar std of the training latents.
 
     Sums are float64. ``update`` is given the latents of the whole global batch (all ranks), so every rank
-    holds the same statistics and the saved file does not depend on the number of processes.
+    holds the same statistics and the saved file does not depend on the number of processes. The sums live
+    on ``device`` (the training's), so an update never waits for the device; reading them does.
     """
 
-    def __init__(self, shape):
-        self.sum = torch.zeros(shape, dtype=torch.float64)
-        self.sum_sq = torch.zeros(shape, dtype=torch.float64)
-        self.count = 0
+    def __init__(self, shape, device="cpu"):
+        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._count = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def count(self):
+        return int(self._count.item())
 
     def update(self, latents):
         """Add a batch ``[N, C, h, w]``; latents with a non-finite element (a skipped step's) are left out."""
-        latents = latents.detach().to("cpu", torch.float64)
-        latents = latents[torch.isfinite(latents).flatten(1).all(dim=1)]
+        latents = latents.detach().to(self.sum.device, torch.float64)
+        finite = torch.isfinite(latents).flatten(1).all(dim=1)
+        latents = torch.where(finite.view(-1, *[1] * (latents.dim() - 1)), latents, 0.0)  # masked, no host sync
         self.sum += latents.sum(dim=0)
         self.sum_sq += latents.pow(2).sum(dim=0)
-        self.count += latents.shape[0]
+        self._count += finite.sum()
 
     def mean(self):
-        return (self.sum / max(self.count, 1)).float()
+        return (self.sum / max(self.count, 1)).float().cpu()
 
     def std(self):
         """Std of all latent elements around the per-position mean."""
@@ -54,12 +60,12 @@ class LatentStats:
         return float(variance.sqrt())
 
     def state_dict(self):
-        return {"sum": self.sum.clone(), "sum_sq": self.sum_sq.clone(), "count": self.count}
+        return {"sum": self.sum.cpu().clone(), "sum_sq": self.sum_sq.cpu().clone(), "count": self.count}
 
     def load_state_dict(self, state):
         self.sum.copy_(state["sum"])
         self.sum_sq.copy_(state["sum_sq"])
-        self.count = int(state["count"])
+        self._count.fill_(int(state["count"]))
 
     def save(self, path):
         return save_latent_stats(path, self.mean(), self.std(), self.count)
