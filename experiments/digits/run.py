@@ -42,7 +42,7 @@ FULL = {
     "vae_steps": 500, "vae_batch": 32, "vae_lr": 2e-3, "vae_kl_weight": 1e-3,
     "unet_channels": [32, 64], "unet_steps": 1700, "unet_batch": 128, "unet_lr": 1e-3, "caption_dropout": 0.1,
     "unet_ema_decay": 0.998,
-    "yoso_steps": 240, "yoso_batch": 16, "yoso_lr": 5e-4, "yoso_rank": 16, "yoso_alpha": 16, "yoso_ema_decay": 0.99,
+    "yoso_steps": 480, "yoso_batch": 16, "yoso_lr": 5e-4, "yoso_rank": 16, "yoso_alpha": 16, "yoso_ema_decay": 0.99,
     "yoso_runs": ["main", "real_data", "mse_consistency", "kl_sample", "sample_reduction", "no_adversarial", "no_consistency"],
     "n_per_digit": 100, "eval_batch": 250, "fd_bootstrap": 25,
 }
