@@ -140,8 +140,8 @@ def test_row_catalogue_covers_the_issue():
     for needed in ("base_lcm_1", "base_lcm_2", "base_lcm_4", "base_dpm_1", "base_dpm_2", "base_dpm_4", "teacher",
                    "yoso_ema_1", "yoso_ema_1_ipi", "yoso_ema_2", "yoso_ema_4", "yoso_non_ema_1", "yoso_non_ema_1_ipi",
                    "sample_reduction_1", "no_adversarial_1", "no_consistency_1", "kl_sample_1", "kl_sample_1_ipi",
-                   "mse_consistency_1", "mse_consistency_1_ipi", "real_data_1", "real_data_1_ipi", "real_data_2",
-                   "real_data_4"):
+                   "mse_consistency_1", "mse_consistency_1_ipi", "old_defaults_1", "old_defaults_1_ipi", "real_data_1",
+                   "real_data_1_ipi", "real_data_2", "real_data_4"):
         assert needed in names
     assert "yoso_ema_1" not in [s.name for s in E.row_specs(with_yoso=False)]
     # Only the runs asked for get rows; the full budget trains every run of the catalogue.
@@ -161,11 +161,12 @@ def test_every_runs_command_parses_to_its_flags_in_the_training_script(tmp_path)
         assert (args.learning_rate, args.lora_rank, args.ema_decay) == (budget["yoso_lr"], budget["yoso_rank"],
                                                                         budget["yoso_ema_decay"]), name
         assert args.use_ema and args.lambda_con == (0 if name == "no_consistency" else 2) and args.lambda_kl == 0.5
-        assert args.kl_weighting == ("sample" if name == "kl_sample" else "batch"), name
+        assert args.kl_weighting == ("sample" if name in ("kl_sample", "old_defaults") else "batch"), name
+        assert args.init_lora_weights == ("gaussian" if name == "old_defaults" else "default"), name
         assert args.consistency_loss == ("mse" if name == "mse_consistency" else "lpl"), name
         assert args.gan_loss_reduction == ("sample" if name == "sample_reduction" else "batch"), name
         assert args.lambda_adv == (0 if name == "no_adversarial" else 1), name
-        assert args.init_lora_weights == "default" and args.kl_loss == "mse"
+        assert args.kl_loss == "mse"
         if name == "real_data":  # images replace the teacher: no teacher flags, no prompt file
             assert args.train_data_dir == str(tmp_path / E.IMAGEFOLDER)
             assert "--pretrained_teacher_model" not in cmd and "--train_data" not in cmd

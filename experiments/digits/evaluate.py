@@ -64,7 +64,10 @@ YOSO_RUNS = {
     "main": ("YOSO-LoRA", []),
     "real_data": ("YOSO-LoRA on real images (no teacher)", [REAL_DATA_FLAG, IMAGEFOLDER]),
     "mse_consistency": ("variant: MSE consistency (--consistency_loss mse)", ["--consistency_loss", "mse"]),
-    "kl_sample": ("ablation: --kl_weighting sample (the old default)", ["--kl_weighting", "sample"]),
+    "kl_sample": ("ablation: --kl_weighting sample", ["--kl_weighting", "sample"]),
+    # The script's defaults before issue 11 (the committed table of issue 6 was made with them).
+    "old_defaults": ("ablation: the old defaults (--kl_weighting sample --init_lora_weights gaussian)",
+                     ["--kl_weighting", "sample", "--init_lora_weights", "gaussian"]),
     "sample_reduction": ("ablation: --gan_loss_reduction sample", ["--gan_loss_reduction", "sample"]),
     "no_adversarial": ("ablation: no adversarial term (--lambda_adv 0)", ["--lambda_adv", "0"]),
     "no_consistency": ("ablation: no consistency term (--lambda_con 0)", ["--lambda_con", "0"]),

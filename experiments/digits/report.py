@@ -197,7 +197,8 @@ def markdown_table(rows, classifier_info, command, extra=None, n_boot=25):
                  "| --- | ---: | ---: | --- | --- | --- |"]
         for c in real["rows"]:
             missed, n = c["base_rows_not_beaten"], c["n_base_rows"]
-            below = "yes" if not missed else (f"**no**: beats {n - len(missed)} of {n}" + (f", not {'; '.join(missed)}" if len(missed) <= 2 else ""))
+            named = f", not {'; '.join(missed)}" if len(missed) <= 2 else ""
+            below = "yes" if not missed else f"**no**: beats {n - len(missed)} of {n}{named}"
             text.append(f"| {c['label']} | {c['frechet']:.2f} | {c['teacher_frechet']:.2f} | {_yes(c['below_teacher'])} | "
                         f"{c['best_base_row']}: {c['best_base_frechet']:.2f} | {below} |")
     if extra:

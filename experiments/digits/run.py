@@ -10,7 +10,7 @@ Stages, in order; each is skipped when its outputs exist and were made with the 
 1. classifier    digit classifier on the real training split           OUT/classifier.{npz,json}
 2. base          text encoder, autoencoder, UNet; base + teacher       OUT/base, OUT/teacher, OUT/base_model.json
 3. yoso          prompts file and the training images as an imagefolder, then `accelerate launch
-                 train_yoso_lora.py` for YOSO-LoRA, YOSO-LoRA on real images, a variant, 4 ablations
+                 train_yoso_lora.py` for YOSO-LoRA, YOSO-LoRA on real images, a variant, 5 ablations
                                                                         OUT/yoso/<run>/
 4. evaluate      N images per digit for every row, metrics             OUT/eval/<row>.{json,npz}
 5. report        markdown + JSON table, sample figure                  FIGURES/<prefix>_results.{md,json}, <prefix>_samples.png
@@ -43,7 +43,8 @@ FULL = {
     "unet_channels": [32, 64], "unet_steps": 1700, "unet_batch": 128, "unet_lr": 1e-3, "caption_dropout": 0.1,
     "unet_ema_decay": 0.998,
     "yoso_steps": 480, "yoso_batch": 16, "yoso_lr": 5e-4, "yoso_rank": 16, "yoso_alpha": 16, "yoso_ema_decay": 0.99,
-    "yoso_runs": ["main", "real_data", "mse_consistency", "kl_sample", "sample_reduction", "no_adversarial", "no_consistency"],
+    "yoso_runs": ["main", "real_data", "mse_consistency", "kl_sample", "old_defaults", "sample_reduction", "no_adversarial",
+                  "no_consistency"],
     "n_per_digit": 100, "eval_batch": 250, "fd_bootstrap": 25,
 }
 
