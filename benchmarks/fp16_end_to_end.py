@@ -1,4 +1,4 @@
-"""train_yoso_lora.py end to end in fp16 on one GPU, with the tiny models: the check of issue 3's GPU run.
+"""train_yoso_lora.py end to end in fp16 on one GPU, with the tiny models: the fp16 check of the GPU call (benchmarks/gpu_run.sh).
 
     python benchmarks/fp16_end_to_end.py --output_dir OUT               # on a CUDA machine
     python benchmarks/fp16_end_to_end.py --output_dir OUT --emulate_on_cpu   # the same on CPU (a dry run)

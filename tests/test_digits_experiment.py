@@ -1,4 +1,4 @@
-"""The digits experiment (experiments/digits, issue #6): its metrics with numbers, its data handling, and
+"""The digits experiment (experiments/digits): its metrics with numbers, its data handling, and
 the quick variant end to end (the pipeline and the table are produced; the numbers are not checked)."""
 
 import json
@@ -17,6 +17,7 @@ from experiments.digits import classifier as C  # noqa: E402
 from experiments.digits import data as D  # noqa: E402
 from experiments.digits import evaluate as E  # noqa: E402
 from experiments.digits import report as R  # noqa: E402
+from experiments.digits import run as RUN  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -138,9 +139,40 @@ def test_row_catalogue_covers_the_issue():
     assert len(names) == len(set(names))
     for needed in ("base_lcm_1", "base_lcm_2", "base_lcm_4", "base_dpm_1", "base_dpm_2", "base_dpm_4", "teacher",
                    "yoso_ema_1", "yoso_ema_1_ipi", "yoso_ema_2", "yoso_ema_4", "yoso_non_ema_1", "yoso_non_ema_1_ipi",
-                   "sample_reduction_1", "no_adversarial_1", "no_consistency_1"):
+                   "sample_reduction_1", "no_adversarial_1", "no_consistency_1", "kl_sample_1", "kl_sample_1_ipi",
+                   "mse_consistency_1", "mse_consistency_1_ipi", "old_defaults_1", "old_defaults_1_ipi", "real_data_1",
+                   "real_data_1_ipi", "real_data_2", "real_data_4"):
         assert needed in names
     assert "yoso_ema_1" not in [s.name for s in E.row_specs(with_yoso=False)]
+    # Only the runs asked for get rows; the full budget trains every run of the catalogue.
+    quick = [s.name for s in E.row_specs(yoso_runs=("main", "real_data"))]
+    assert "real_data_4" in quick and "kl_sample_1" not in quick and "no_consistency_1" not in quick
+    assert RUN.FULL["yoso_runs"] == list(E.YOSO_RUNS)
+
+
+def test_every_runs_command_parses_to_its_flags_in_the_training_script(tmp_path):
+    from train_yoso_lora import parse_args
+
+    budget = RUN.FULL
+    for name, (_, extra) in E.YOSO_RUNS.items():
+        cmd = RUN.yoso_command(tmp_path, tmp_path / "yoso" / name, budget, extra, 0, "cpu")
+        args = parse_args(cmd[cmd.index(str(RUN.TRAIN_SCRIPT)) + 1:])
+        assert (args.max_train_steps, args.train_batch_size) == (budget["yoso_steps"], budget["yoso_batch"]), name
+        assert (args.learning_rate, args.lora_rank, args.ema_decay) == (budget["yoso_lr"], budget["yoso_rank"],
+                                                                        budget["yoso_ema_decay"]), name
+        assert args.use_ema and args.lambda_con == (0 if name == "no_consistency" else 2) and args.lambda_kl == 0.5
+        assert args.kl_weighting == ("sample" if name in ("kl_sample", "old_defaults") else "batch"), name
+        assert args.init_lora_weights == ("gaussian" if name == "old_defaults" else "default"), name
+        assert args.consistency_loss == ("mse" if name == "mse_consistency" else "lpl"), name
+        assert args.gan_loss_reduction == ("sample" if name == "sample_reduction" else "batch"), name
+        assert args.lambda_adv == (0 if name == "no_adversarial" else 1), name
+        assert args.kl_loss == "mse"
+        if name == "real_data":  # images replace the teacher: no teacher flags, no prompt file
+            assert args.train_data_dir == str(tmp_path / E.IMAGEFOLDER)
+            assert "--pretrained_teacher_model" not in cmd and "--train_data" not in cmd
+        else:
+            assert args.train_data_dir is None and args.pretrained_teacher_model == str(tmp_path / "teacher")
+            assert args.teacher_num_inference_steps == E.TEACHER_STEPS
 
 
 def test_goal_check_reports_ties_and_ratios():
@@ -155,6 +187,47 @@ def test_goal_check_reports_ties_and_ratios():
     assert check["beats_base_frechet"] and check["frechet_within_1.5x_teacher"]
     assert check["diversity_within_20pct_teacher"] and not check["all_met"]
     assert check["frechet_over_teacher"] == pytest.approx(1.2)
+
+
+def _row(name, group, accuracy, frechet, diversity, steps=1):
+    return {"name": name, "label": name, "group": group, "steps": steps, "accuracy": accuracy, "frechet": frechet,
+            "diversity": diversity}
+
+
+def test_teacher_match_goal_of_issue_11_uses_its_three_bounds():
+    teacher = _row("teacher", "teacher", 1.0, 1.20, 1.40, 25)
+    rows = [_row("base_dpm_4", "base", 1.0, 1.17, 1.3, 4), teacher,
+            _row("yoso_ema_1", "yoso", 0.985, 1.27, 1.20),  # 1.058x: Fréchet missed; -1.5 points: accuracy missed
+            _row("yoso_ema_1_ipi", "yoso", 0.99, 1.26, 1.19),  # 1.05x, -1.0 point, 0.85x: all met, at the bounds
+            _row("yoso_ema_2", "yoso", 1.0, 1.0, 1.4, 2)]  # not a 1-step row
+    match = R.teacher_match_check(rows)
+    plain, ipi = match["rows"]
+    assert [plain["row"], ipi["row"]] == ["yoso_ema_1", "yoso_ema_1_ipi"]
+    assert plain["frechet_over_teacher"] == pytest.approx(1.27 / 1.2) and not plain["frechet_met"]
+    assert plain["accuracy_minus_teacher_points"] == pytest.approx(-1.5) and not plain["accuracy_met"]
+    assert plain["diversity_met"] and not plain["all_met"]
+    assert ipi["frechet_met"] and ipi["accuracy_met"] and ipi["diversity_met"] and ipi["all_met"]
+    assert match["met"]  # one of the two rows suffices
+    ipi_row = rows[3]
+    ipi_row["diversity"] = 1.18  # 0.843x: outside 15%
+    assert not R.teacher_match_check(rows)["met"]
+    assert R.teacher_match_check([r for r in rows if r["group"] != "teacher"]) == {"rows": [], "met": False}
+
+
+def test_real_data_goal_of_issue_14_needs_the_teacher_and_every_base_row_beaten():
+    rows = [_row("base_lcm_1", "base", 1.0, 8.0, 1.0), _row("base_dpm_4", "base", 1.0, 1.17, 1.3, 4),
+            _row("teacher", "teacher", 1.0, 1.22, 1.4, 25),
+            _row("real_data_1", "real_data", 0.99, 1.18, 1.5), _row("real_data_1_ipi", "real_data", 0.99, 1.10, 1.5)]
+    real = R.real_data_check(rows)
+    plain, ipi = real["rows"]
+    assert plain["below_teacher"] and not plain["below_every_base"] and plain["base_rows_not_beaten"] == ["base_dpm_4"]
+    assert plain["best_base_frechet"] == 1.17 and ipi["all_met"]
+    assert not real["met"]  # the goal is the plain row's, not the IPI row's
+    rows[3]["frechet"] = 1.16
+    assert R.real_data_check(rows)["met"]
+    rows[3]["frechet"] = 1.17  # a tie is not "below"
+    assert not R.real_data_check(rows)["met"]
+    assert set(R.goals(rows)) == {"beats_base", "matches_teacher", "real_data_beats_teacher"}
 
 
 # ------------------------------------------------------------------------------------ quick variant
@@ -189,7 +262,8 @@ def test_quick_variant_produces_pipelines_table_and_figure(quick_run):
     payload = json.loads((figures / "digits_quick_results.json").read_text())
     assert (figures / "digits_quick_samples.png").stat().st_size > 1000
     names = [r["name"] for r in payload["rows"]]
-    assert names == [s.name for s in E.row_specs()]
+    assert payload["budget"]["yoso_runs"] == RUN.QUICK["yoso_runs"]
+    assert names == [s.name for s in E.row_specs(yoso_runs=RUN.QUICK["yoso_runs"])]
     for row in payload["rows"]:
         for key in ("accuracy", "frechet", "frechet_sd", "diversity"):
             assert math.isfinite(row[key]), (row["name"], key)
@@ -197,11 +271,41 @@ def test_quick_variant_produces_pipelines_table_and_figure(quick_run):
         if row["group"] != "reference":
             assert row["images"] == 20
     assert "Classifier test accuracy" in md and payload["classifier"]["test_accuracy"] == classifier["test_accuracy"]
-    assert {c["row"] for c in payload["goal"]} == {"yoso_ema_1", "yoso_ema_1_ipi", "yoso_non_ema_1", "yoso_non_ema_1_ipi"}
-    for run in ("main", "sample_reduction", "no_adversarial", "no_consistency"):
+    goals = payload["goals"]
+    assert {c["row"] for c in goals["beats_base"]} == {"yoso_ema_1", "yoso_ema_1_ipi", "yoso_non_ema_1", "yoso_non_ema_1_ipi"}
+    assert [c["row"] for c in goals["matches_teacher"]["rows"]] == ["yoso_ema_1", "yoso_ema_1_ipi"]
+    assert [c["row"] for c in goals["real_data_beats_teacher"]["rows"]] == ["real_data_1", "real_data_1_ipi"]
+    assert "Goal (match the teacher)" in md and "Goal (real data beats the teacher)" in md and "YOSO-LoRA budget, every run alike: 2 steps" in md
+    for run in RUN.QUICK["yoso_runs"]:
         assert (out / "yoso" / run / "pytorch_lora_weights.safetensors").is_file()
         assert (out / "yoso" / run / "latent_stats.safetensors").is_file()
-    assert payload["yoso_runs"]["no_adversarial"]["extra_flags"] == ["--lambda_adv", "0"]
+    assert payload["yoso_runs"]["kl_sample"]["extra_flags"] == ["--kl_weighting", "sample"]
+    real_args = payload["yoso_runs"]["real_data"]["train_yoso_lora_args"]
+    assert real_args[real_args.index("--train_data_dir") + 1] == "OUT/" + E.IMAGEFOLDER
+    assert "--pretrained_teacher_model" not in real_args
+    # The real-data run's latent statistics are the encoded images', not a teacher's: they differ from main's.
+    from safetensors.torch import load_file
+
+    stats = {run: load_file(str(out / "yoso" / run / "latent_stats.safetensors")) for run in ("main", "real_data")}
+    assert not np.allclose(stats["main"]["mean"].numpy(), stats["real_data"]["mean"].numpy())
+
+
+def test_quick_variant_writes_the_training_images_as_an_imagefolder(quick_run):
+    out, _, _ = quick_run
+    from PIL import Image
+
+    folder = out / E.IMAGEFOLDER
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"] for line in (out / "yoso" / "prompts.jsonl").read_text().splitlines()]
+    train_x, train_y, _, _ = D.load_split()
+    assert len(records) == len(train_x) == 1437 and [r["text"] for r in records] == prompts  # the teacher's captions
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(r["file_name"] for r in records)
+    for i in (0, 700, 1436):
+        image = np.asarray(Image.open(folder / records[i]["file_name"]))
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        back = D.to_8x8(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0)[0]
+        assert np.abs(back - D.to_8x8(D.upscale(train_x[i : i + 1]))[0]).max() < 0.01  # up to 8-bit rounding
+        assert D.DIGIT_WORDS[train_y[i]] in records[i]["text"] or str(train_y[i]) in records[i]["text"]
 
 
 def test_quick_variant_rerun_skips_finished_stages(quick_run):
@@ -213,4 +317,5 @@ def test_quick_variant_rerun_skips_finished_stages(quick_run):
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "base model: done already" in proc.stdout and "yoso main: done already" in proc.stdout
+    assert "yoso real_data: done already" in proc.stdout and "wrote 1437 training images" not in proc.stdout
     assert {p: p.stat().st_mtime for p in before} == before

@@ -1,1 +1,1 @@
-"""The digits experiment (issue #6): YOSO-LoRA on a small latent diffusion model trained on real handwritten digits."""
+"""The digits experiment: YOSO-LoRA on a small latent diffusion model trained on real handwritten digits."""

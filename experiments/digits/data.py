@@ -85,3 +85,37 @@ def eval_prompts(n_per_digit):
 def all_prompts():
     """Every (template, digit) caption: the prompt list YOSO-LoRA trains on."""
     return [caption(d, t) for t in range(len(TEMPLATES)) for d in range(10)]
+
+
+def write_imagefolder(folder, seed=1):
+    """The training split as a ``datasets`` imagefolder for ``train_yoso_lora.py --train_data_dir``: one 64x64
+    RGB PNG per training image (``upscale``, rounded to 8 bits) and ``metadata.jsonl`` with the columns
+    ``file_name`` and ``text``. Captions are ``captions_for(train_labels, seed)``, the same captions the teacher
+    route's prompt file holds. The folder is built under a temporary name and renamed into place, so it is
+    whole or absent. Returns the number of images."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    train_x, train_y, _, _ = load_split()
+    texts = captions_for(train_y, seed=seed)
+    pixels = ((upscale(train_x) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        lines = []
+        for i, (image, text) in enumerate(zip(pixels, texts)):
+            name = f"{i:04d}_{int(train_y[i])}.png"
+            Image.fromarray(image).save(tmp / name)
+            lines.append(json.dumps({"file_name": name, "text": text}) + "\n")
+        (tmp / "metadata.jsonl").write_text("".join(lines))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return len(lines)

@@ -14,7 +14,9 @@ Rows (see ``row_specs``):
 * the teacher: the base with DPM-Solver++ at 25 steps, guidance 3;
 * YOSO-LoRA (EMA and non-EMA weights) at 1 step from noise, 1 step from the informative prior (IPI), 2 and
   4 steps, all with LCMScheduler and no classifier-free guidance (guidance 1), as YOSO-LoRA is sampled;
-* the ablations at 1 step and at 1 step with IPI (EMA weights).
+* YOSO-LoRA trained on the real training images instead of the teacher (``--train_data_dir``), EMA weights,
+  sampled as the main run;
+* the variant (``--consistency_loss mse``) and the ablations at 1 step and at 1 step with IPI (EMA weights).
 """
 
 import json
@@ -42,7 +44,7 @@ IPI_TIMESTEP = 999
 class RowSpec:
     name: str  # file-name key
     label: str  # what the table shows
-    group: str  # reference | base | teacher | yoso | ablation
+    group: str  # reference | base | teacher | yoso | real_data | ablation
     source: str = ""  # "base" or "teacher" (pipeline folder), or a real-data reference
     scheduler: str = ""  # "lcm", "dpm" (the teacher's DPM-Solver++ config) or "" for the folder's own
     steps: int = 0
@@ -52,13 +54,27 @@ class RowSpec:
     ipi: bool = False
 
 
+# The real-data run's image folder, under the run directory (run.py writes it; ``REAL_DATA_FLAG`` in a run's
+# flags stands for it).
+IMAGEFOLDER = "yoso/digits_imagefolder"
+REAL_DATA_FLAG = "--train_data_dir"
+
 YOSO_RUNS = {
     # name -> (label, extra flags for train_yoso_lora.py)
     "main": ("YOSO-LoRA", []),
+    "real_data": ("YOSO-LoRA on real images (no teacher)", [REAL_DATA_FLAG, IMAGEFOLDER]),
+    "mse_consistency": ("variant: MSE consistency (--consistency_loss mse)", ["--consistency_loss", "mse"]),
+    "kl_sample": ("ablation: --kl_weighting sample", ["--kl_weighting", "sample"]),
+    # The script's defaults before it followed the released script (the first table was made with them).
+    "old_defaults": ("ablation: the old defaults (--kl_weighting sample --init_lora_weights gaussian)",
+                     ["--kl_weighting", "sample", "--init_lora_weights", "gaussian"]),
     "sample_reduction": ("ablation: --gan_loss_reduction sample", ["--gan_loss_reduction", "sample"]),
     "no_adversarial": ("ablation: no adversarial term (--lambda_adv 0)", ["--lambda_adv", "0"]),
     "no_consistency": ("ablation: no consistency term (--lambda_con 0)", ["--lambda_con", "0"]),
 }
+# Runs sampled like the main run (1 step, 1 step + IPI, 2 and 4 steps, EMA weights); the others at 1 step and
+# 1 step + IPI.
+FULL_ROW_RUNS = ("real_data",)
 
 
 def row_specs(with_yoso=True, yoso_runs=tuple(YOSO_RUNS), guidance=TEACHER_GUIDANCE, teacher_steps=TEACHER_STEPS):
@@ -85,8 +101,18 @@ def row_specs(with_yoso=True, yoso_runs=tuple(YOSO_RUNS), guidance=TEACHER_GUIDA
             RowSpec(f"yoso_{key}_2", f"YOSO-LoRA {weights}, 2 steps", "yoso", "base", "lcm", 2, 1.0, lora),
             RowSpec(f"yoso_{key}_4", f"YOSO-LoRA {weights}, 4 steps", "yoso", "base", "lcm", 4, 1.0, lora),
         ]
+    for run in FULL_ROW_RUNS:
+        if run not in yoso_runs:
+            continue
+        label, lora = YOSO_RUNS[run][0], f"yoso/{run}"
+        rows += [
+            RowSpec(f"{run}_1", f"{label}, EMA, 1 step", run, "base", "lcm", 1, 1.0, lora),
+            RowSpec(f"{run}_1_ipi", f"{label}, EMA, 1 step + IPI", run, "base", "lcm", 1, 1.0, lora, lora, True),
+            RowSpec(f"{run}_2", f"{label}, EMA, 2 steps", run, "base", "lcm", 2, 1.0, lora),
+            RowSpec(f"{run}_4", f"{label}, EMA, 4 steps", run, "base", "lcm", 4, 1.0, lora),
+        ]
     for run, (label, _) in YOSO_RUNS.items():
-        if run == "main" or run not in yoso_runs:
+        if run == "main" or run in FULL_ROW_RUNS or run not in yoso_runs:
             continue
         rows += [
             RowSpec(f"{run}_1", f"{label}, 1 step", "ablation", "base", "lcm", 1, 1.0, f"yoso/{run}"),

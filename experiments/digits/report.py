@@ -5,11 +5,24 @@ from pathlib import Path
 
 import numpy as np
 
-# A 1-step YOSO row meets the experiment's goal when it beats every base row (1, 2, 4 steps, both samplers) on
+# Issue #6: a 1-step YOSO row meets the goal when it beats every base row (1, 2, 4 steps, both samplers) on
 # accuracy and on Fréchet distance, its Fréchet distance is within 1.5x the teacher's, and its diversity is
 # within 20% of the teacher's.
 FRECHET_FACTOR = 1.5
 DIVERSITY_TOLERANCE = 0.2
+
+# Issue #11: the 1-step EMA row, with or without IPI, matches the teacher: Fréchet distance at most 1.05x the
+# teacher's, accuracy within 1 percentage point of the teacher's, diversity within 15% of the teacher's.
+TEACHER_MATCH_ROWS = ("yoso_ema_1", "yoso_ema_1_ipi")
+TEACHER_FRECHET_FACTOR = 1.05
+TEACHER_ACCURACY_POINTS = 1.0
+TEACHER_DIVERSITY_TOLERANCE = 0.15
+EPS = 1e-9  # a value on a bound (up to float rounding) meets it
+
+# Issue #14: the real-data 1-step EMA row has a lower Fréchet distance than the teacher and than every base row.
+# The goal is the plain row's; the IPI row is reported beside it.
+REAL_DATA_GOAL_ROW = "real_data_1"
+REAL_DATA_ROWS = ("real_data_1", "real_data_1_ipi")
 
 
 def goal_check(rows):
@@ -48,8 +61,71 @@ def goal_check(rows):
     return checks
 
 
+def _teacher_and_base(rows):
+    base = [r for r in rows if r["group"] == "base"]
+    teacher = next((r for r in rows if r["group"] == "teacher"), None)
+    return base, teacher
+
+
+def teacher_match_check(rows):
+    """Issue #11's criteria for each of ``TEACHER_MATCH_ROWS`` present; the goal is met when one row meets all
+    three. Returns ``{"rows": [...], "met": bool}`` (``rows`` empty without a teacher row)."""
+    _, teacher = _teacher_and_base(rows)
+    checks = []
+    for r in rows:
+        if teacher is None or r["name"] not in TEACHER_MATCH_ROWS:
+            continue
+        fd_ratio = r["frechet"] / teacher["frechet"] if teacher["frechet"] > 0 else float("inf")
+        div_ratio = r["diversity"] / teacher["diversity"] if teacher["diversity"] > 0 else float("inf")
+        gap = 100.0 * (r["accuracy"] - teacher["accuracy"])
+        c = {
+            "row": r["name"], "label": r["label"],
+            "frechet_over_teacher": fd_ratio,
+            "frechet_met": fd_ratio <= TEACHER_FRECHET_FACTOR + EPS,
+            "accuracy_minus_teacher_points": gap,
+            "accuracy_met": abs(gap) <= TEACHER_ACCURACY_POINTS + EPS,
+            "diversity_over_teacher": div_ratio,
+            "diversity_met": abs(div_ratio - 1.0) <= TEACHER_DIVERSITY_TOLERANCE + EPS,
+        }
+        c["all_met"] = c["frechet_met"] and c["accuracy_met"] and c["diversity_met"]
+        checks.append(c)
+    return {"rows": checks, "met": any(c["all_met"] for c in checks)}
+
+
+def real_data_check(rows):
+    """Issue #14's criteria for the real-data 1-step rows present: Fréchet distance below the teacher's and below
+    every base row's. ``met`` is the goal row's (``REAL_DATA_GOAL_ROW``) verdict."""
+    base, teacher = _teacher_and_base(rows)
+    checks = []
+    for r in rows:
+        if teacher is None or not base or r["name"] not in REAL_DATA_ROWS:
+            continue
+        best = min(base, key=lambda b: b["frechet"])
+        c = {
+            "row": r["name"], "label": r["label"], "frechet": r["frechet"],
+            "teacher_frechet": teacher["frechet"], "below_teacher": r["frechet"] < teacher["frechet"],
+            "best_base_frechet": best["frechet"], "best_base_row": best["label"],
+            "base_rows_not_beaten": [b["label"] for b in base if not r["frechet"] < b["frechet"]],
+            "n_base_rows": len(base),
+        }
+        c["below_every_base"] = not c["base_rows_not_beaten"]
+        c["all_met"] = c["below_teacher"] and c["below_every_base"]
+        checks.append(c)
+    goal = next((c for c in checks if c["row"] == REAL_DATA_GOAL_ROW), None)
+    return {"rows": checks, "met": bool(goal and goal["all_met"])}
+
+
+def goals(rows):
+    """Every goal check, by name."""
+    return {"beats_base": goal_check(rows), "matches_teacher": teacher_match_check(rows), "real_data_beats_teacher": real_data_check(rows)}
+
+
 def _yes(flag):
     return "yes" if flag else "**no**"
+
+
+def _mark(flag):
+    return "(met)" if flag else "(**not met**)"
 
 
 def _verdict(check, metric):
@@ -92,13 +168,39 @@ def markdown_table(rows, classifier_info, command, extra=None, n_boot=25):
     ]
     checks = goal_check(rows)
     if checks:
-        text += ["", "Goal of the experiment, measured: a 1-step YOSO-LoRA row beats every base row on accuracy and "
+        text += ["", "Goal of the first run (beat the base), measured: a 1-step YOSO-LoRA row beats every base row on accuracy and "
                  "Fréchet distance, is within 1.5x the teacher's Fréchet distance and within 20% of its diversity.", "",
                  "| 1-step row | beats base accuracy | beats base Fréchet | Fréchet / teacher | diversity / teacher | all met |",
                  "| --- | --- | --- | ---: | ---: | --- |"]
         for c in checks:
             text.append(f"| {c['label']} | {_verdict(c, 'accuracy')} | {_verdict(c, 'frechet')} | "
                         f"{c['frechet_over_teacher']:.2f} | {c['diversity_over_teacher']:.2f} | {_yes(c['all_met'])} |")
+    match = teacher_match_check(rows)
+    if match["rows"]:
+        text += ["", f"Goal (match the teacher), measured: the 1-step EMA row, with or without IPI, within "
+                 f"{TEACHER_FRECHET_FACTOR:g}x the teacher's Fréchet distance, within {TEACHER_ACCURACY_POINTS:g} point "
+                 f"of its accuracy and within {100 * TEACHER_DIVERSITY_TOLERANCE:.0f}% of its diversity. "
+                 f"Met: {_yes(match['met'])}.", "",
+                 f"| 1-step row | Fréchet / teacher (<= {TEACHER_FRECHET_FACTOR:g}) | accuracy - teacher, points "
+                 f"(within ±{TEACHER_ACCURACY_POINTS:g}) | diversity / teacher "
+                 f"({1 - TEACHER_DIVERSITY_TOLERANCE:.2f}-{1 + TEACHER_DIVERSITY_TOLERANCE:.2f}) | all met |",
+                 "| --- | ---: | ---: | ---: | --- |"]
+        for c in match["rows"]:
+            text.append(f"| {c['label']} | {c['frechet_over_teacher']:.3f} {_mark(c['frechet_met'])} | "
+                        f"{c['accuracy_minus_teacher_points']:+.1f} {_mark(c['accuracy_met'])} | "
+                        f"{c['diversity_over_teacher']:.3f} {_mark(c['diversity_met'])} | {_yes(c['all_met'])} |")
+    real = real_data_check(rows)
+    if real["rows"]:
+        text += ["", "Goal (real data beats the teacher), measured: the real-data 1-step EMA row's Fréchet distance below the teacher's "
+                 f"and below every base row's. Met: {_yes(real['met'])} (the IPI row is shown beside it).", "",
+                 "| 1-step row | Fréchet | teacher's | below teacher | best base row | below every base row |",
+                 "| --- | ---: | ---: | --- | --- | --- |"]
+        for c in real["rows"]:
+            missed, n = c["base_rows_not_beaten"], c["n_base_rows"]
+            named = f", not {'; '.join(missed)}" if len(missed) <= 2 else ""
+            below = "yes" if not missed else f"**no**: beats {n - len(missed)} of {n}{named}"
+            text.append(f"| {c['label']} | {c['frechet']:.2f} | {c['teacher_frechet']:.2f} | {_yes(c['below_teacher'])} | "
+                        f"{c['best_base_row']}: {c['best_base_frechet']:.2f} | {below} |")
     if extra:
         text += ["", *extra]
     text += ["", f"Made by `{command}`."]
@@ -173,7 +275,7 @@ def write_report(run_dir, results, figures_dir, prefix, command, meta, n_boot=25
     md = markdown_table(rows, classifier_info, command, meta.get("notes"), n_boot)
     md_path = figures_dir / f"{prefix}_results.md"
     md_path.write_text(md)
-    payload = {"command": command, "classifier": classifier_info, "rows": rows, "goal": goal_check(rows), **meta}
+    payload = {"command": command, "classifier": classifier_info, "rows": rows, "goals": goals(rows), **meta}
     json_path = figures_dir / f"{prefix}_results.json"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     return {"markdown": str(md_path), "json": str(json_path), "figure": fig_path}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One command for the whole digits experiment (issue #6): base model, teacher, YOSO-LoRA trainings,
+"""One command for the whole digits experiment: base model, teacher, YOSO-LoRA trainings,
 evaluation, table and figure.
 
     python experiments/digits/run.py            # full budgets; writes figures/digits_results.{md,json}, figures/digits_samples.png
@@ -9,7 +9,8 @@ Stages, in order; each is skipped when its outputs exist and were made with the 
 
 1. classifier    digit classifier on the real training split           OUT/classifier.{npz,json}
 2. base          text encoder, autoencoder, UNet; base + teacher       OUT/base, OUT/teacher, OUT/base_model.json
-3. yoso          prompts file, then `accelerate launch train_yoso_lora.py` for YOSO-LoRA and 3 ablations
+3. yoso          prompts file and the training images as an imagefolder, then `accelerate launch
+                 train_yoso_lora.py` for YOSO-LoRA, YOSO-LoRA on real images, a variant, 5 ablations
                                                                         OUT/yoso/<run>/
 4. evaluate      N images per digit for every row, metrics             OUT/eval/<row>.{json,npz}
 5. report        markdown + JSON table, sample figure                  FIGURES/<prefix>_results.{md,json}, <prefix>_samples.png
@@ -41,8 +42,9 @@ FULL = {
     "vae_steps": 500, "vae_batch": 32, "vae_lr": 2e-3, "vae_kl_weight": 1e-3,
     "unet_channels": [32, 64], "unet_steps": 1700, "unet_batch": 128, "unet_lr": 1e-3, "caption_dropout": 0.1,
     "unet_ema_decay": 0.998,
-    "yoso_steps": 240, "yoso_batch": 16, "yoso_lr": 5e-4, "yoso_rank": 16, "yoso_alpha": 16, "yoso_ema_decay": 0.99,
-    "yoso_runs": ["main", "sample_reduction", "no_adversarial", "no_consistency"],
+    "yoso_steps": 480, "yoso_batch": 16, "yoso_lr": 5e-4, "yoso_rank": 16, "yoso_alpha": 16, "yoso_ema_decay": 0.99,
+    "yoso_runs": ["main", "real_data", "mse_consistency", "kl_sample", "old_defaults", "sample_reduction", "no_adversarial",
+                  "no_consistency"],
     "n_per_digit": 100, "eval_batch": 250, "fd_bootstrap": 25,
 }
 
@@ -53,7 +55,9 @@ QUICK = {
     "unet_channels": [32, 64], "unet_steps": 4, "unet_batch": 16, "unet_lr": 1e-3, "caption_dropout": 0.1,
     "unet_ema_decay": 0.998,
     "yoso_steps": 2, "yoso_batch": 2, "yoso_lr": 5e-4, "yoso_rank": 4, "yoso_alpha": 4, "yoso_ema_decay": 0.9,
-    "yoso_runs": ["main", "sample_reduction", "no_adversarial", "no_consistency"],
+    # The pipeline's minimum: the teacher route, the real-image route and one ablation (every run's flags are
+    # checked against the training script's parser in the tests without training).
+    "yoso_runs": ["main", "real_data", "kl_sample"],
     "n_per_digit": 2, "eval_batch": 250, "fd_bootstrap": 3,
 }
 
@@ -132,17 +136,32 @@ def write_prompts(path):
     return len(prompts)
 
 
-def yoso_command(out, run_dir, budget, extra, seed, device):
-    from experiments.digits.evaluate import TEACHER_GUIDANCE, TEACHER_STEPS
+def n_prompts_of(out):
+    path = Path(out) / "yoso" / "prompts.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
 
+
+def yoso_command(out, run_dir, budget, extra, seed, device):
+    """The `accelerate launch train_yoso_lora.py` command of one run. ``extra`` holds the run's own flags; a run
+    whose flags name ``--train_data_dir`` trains on that image folder (under ``out``) instead of the teacher."""
+    from experiments.digits.evaluate import REAL_DATA_FLAG, TEACHER_GUIDANCE, TEACHER_STEPS
+
+    if REAL_DATA_FLAG in extra:
+        at = extra.index(REAL_DATA_FLAG)
+        data = [REAL_DATA_FLAG, str(out / extra[at + 1])]
+        extra = extra[:at] + extra[at + 2:]
+    else:
+        data = ["--pretrained_teacher_model", str(out / "teacher"),
+                "--train_data", str(out / "yoso" / "prompts.jsonl"),
+                "--teacher_num_inference_steps", str(TEACHER_STEPS),
+                "--teacher_guidance_scale", str(TEACHER_GUIDANCE)]
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         *(["--cpu"] if device == "cpu" else []),
         str(TRAIN_SCRIPT),
         "--pretrained_model_name_or_path", str(out / "base"),
-        "--pretrained_teacher_model", str(out / "teacher"),
-        "--train_data", str(out / "yoso" / "prompts.jsonl"),
+        *data,
         "--resolution", str(D.RESOLUTION),
         "--output_dir", str(run_dir),
         "--train_batch_size", str(budget["yoso_batch"]),
@@ -150,8 +169,6 @@ def yoso_command(out, run_dir, budget, extra, seed, device):
         "--learning_rate", str(budget["yoso_lr"]),
         "--lora_rank", str(budget["yoso_rank"]),
         "--lora_alpha", str(budget["yoso_alpha"]),
-        "--teacher_num_inference_steps", str(TEACHER_STEPS),
-        "--teacher_guidance_scale", str(TEACHER_GUIDANCE),
         "--use_ema", "--ema_decay", str(budget["yoso_ema_decay"]),
         "--lambda_con", "2", "--lambda_kl", "0.5",
         "--seed", str(seed),
@@ -174,7 +191,7 @@ def code_version():
 
 
 def stage_yoso(out, budget, seed, quiet, device):
-    from experiments.digits.evaluate import YOSO_RUNS
+    from experiments.digits.evaluate import IMAGEFOLDER, YOSO_RUNS
 
     unknown = [r for r in budget["yoso_runs"] if r not in YOSO_RUNS]
     if unknown or "main" not in budget["yoso_runs"]:
@@ -185,6 +202,12 @@ def stage_yoso(out, budget, seed, quiet, device):
     yoso_dir = out / "yoso"
     yoso_dir.mkdir(parents=True, exist_ok=True)
     n_prompts = write_prompts(yoso_dir / "prompts.jsonl")
+    if "real_data" in budget["yoso_runs"]:
+        n_images = len(D.load_split()[1])
+        metadata = out / IMAGEFOLDER / "metadata.jsonl"
+        if not (metadata.is_file() and len(metadata.read_text().splitlines()) == n_images):
+            D.write_imagefolder(out / IMAGEFOLDER)
+            log(f"yoso: wrote {n_images} training images with captions to {out / IMAGEFOLDER}")
     seconds = {}
     for name in budget["yoso_runs"]:
         label, extra = YOSO_RUNS[name]
@@ -197,7 +220,8 @@ def stage_yoso(out, budget, seed, quiet, device):
             seconds[name] = json.loads(marker.read_text())["seconds"]
             continue
         shutil.rmtree(run_dir, ignore_errors=True)
-        log(f"yoso {name} ({label}): {budget['yoso_steps']} steps x {budget['yoso_batch']} prompts")
+        log(f"yoso {name} ({label}): {budget['yoso_steps']} steps x {budget['yoso_batch']} "
+            + ("images" if name == "real_data" else "prompts"))
         t0 = time.time()
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if device == "cpu":
@@ -288,7 +312,18 @@ def main(argv=None):
             script = cmd.index(str(TRAIN_SCRIPT)) if str(TRAIN_SCRIPT) in cmd else 0
             yoso_runs[name] = {"label": label, "extra_flags": extra, "seconds": marker["seconds"], "code": marker.get("code"),
                                "train_yoso_lora_args": [str(a).replace(str(out), "OUT") for a in cmd[script + 1:]]}
+    notes = []
+    if yoso_runs:
+        notes.append(f"YOSO-LoRA budget, every run alike: {budget['yoso_steps']} steps x {budget['yoso_batch']} samples, "
+                     f"learning rate {budget['yoso_lr']:g} (constant), LoRA rank {budget['yoso_rank']} / alpha "
+                     f"{budget['yoso_alpha']:g}, EMA decay {budget['yoso_ema_decay']:g}, --lambda_con 2 --lambda_kl 0.5; "
+                     "every other flag is train_yoso_lora.py's default (--kl_weighting batch, --init_lora_weights "
+                     "default, --consistency_loss lpl, --kl_loss mse, --gan_loss_reduction batch). The teacher route "
+                     f"trains on {n_prompts_of(out)} captions; the real-data run on the same {n_prompts_of(out)} training "
+                     "images with those captions, encoded by the base autoencoder, no teacher. Exact arguments: "
+                     "`yoso_runs` in the JSON.")
     meta = {
+        "notes": notes,
         "variant": variant,
         "budget": budget,
         "base_model": {k: base_summary[k] for k in base_summary if k not in ("base_dir", "teacher_dir")},
