@@ -30,48 +30,24 @@ without reading, decoding or encoding an image. The --teacher_* flags do not app
 --streaming) is refused: a cache needs an epoch order it can index.
 """
 
-import argparse
 import sys
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Precompute teacher latents (or the base VAE's latents of images) for "
-                                            "train_yoso_lora.py --teacher_latent_cache.")
-    p.add_argument("--pretrained_teacher_model", default="stabilityai/sd-turbo")
-    p.add_argument("--pretrained_model_name_or_path", default="runwayml/stable-diffusion-v1-5",
-                   help="The training run's base model: its VAE defines the latent space the cache holds.")
-    p.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
-    p.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
-    p.add_argument("--teacher_vae", default=None, metavar="PATH",
-                   help="AutoencoderKL (folder or hub id) that decodes the teacher's latents when transcoding, e.g. "
-                        "madebyollin/sdxl-vae-fp16-fix for SDXL-Turbo in fp16. Default: the teacher's own vae/.")
-    p.add_argument("--teacher_latent_transcode", default="auto", choices=["auto", "always", "never"],
-                   help="Decode the teacher's latents by its VAE and re-encode them by the base's: auto (when the two "
-                        "VAE configs differ, e.g. SDXL-Turbo), always, or never.")
-    p.add_argument("--cache_dir", default=None, help="Where downloaded models are cached.")
-    p.add_argument("--train_data", default="train_anno.jsonl", help="Prompt file (the teacher's latents of its prompts).")
-    p.add_argument("--caption_column", default=None,
-                   help="Text field: in --train_data (default 'prompt'), in an image dataset (default 'text').")
-    p.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N prompts or images.")
-    # Images instead of prompts: the base VAE's latents (train_yoso_lora.py's flags, the same meaning)
-    p.add_argument("--train_data_dir", default=None,
-                   help="Cache the base VAE's latents of these images: a folder with a metadata.jsonl (imagefolder).")
-    p.add_argument("--dataset_name", default=None,
-                   help="Cache the base VAE's latents of a hub dataset or local folder read by `datasets`.")
-    p.add_argument("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
-    p.add_argument("--image_column", default="image", help="Image column of the dataset.")
-    p.add_argument("--center_crop", action="store_true", help="Crop images at the centre (default: a random crop).")
-    p.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    p.add_argument("--streaming", action="store_true", help="Refused: streamed data cannot be cached.")
-    p.add_argument("--shuffle_buffer_size", type=int, default=1000, help="(Streamed data only: refused.)")
+    from yoso.cli import HelpFormatter, OneLineErrorParser, add_data_arguments, add_model_arguments, add_teacher_arguments
+
+    p = OneLineErrorParser(prog="precompute_teacher_latents.py", formatter_class=HelpFormatter,
+                           description="Precompute teacher latents (or the base VAE's latents of images) for "
+                                       "train_yoso_lora.py --teacher_latent_cache. The model, data and teacher flags "
+                                       "are the training script's, with the same meaning: give the training run's values.")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_teacher_arguments(p)
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="Threads that decode images.")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--teacher_num_inference_steps", type=int, default=1)
-    p.add_argument("--teacher_guidance_scale", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="The training run's --seed.")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="The training run's --mixed_precision (the teacher's dtype). Default: accelerate's config.")
-    p.add_argument("--output_dir", required=True)
+                   help="The training run's --mixed_precision (the teacher's dtype; default: accelerate's config).")
+    p.add_argument("--output_dir", required=True, help="The cache folder (created; an unfinished one is resumed).")
     p.add_argument("--num_epochs", type=int, default=1, help="Epochs of latents; training cycles through them.")
     p.add_argument("--shard_size", type=int, default=4096,
                    help="Prompts or images per shard file (rounded down to a multiple of --train_batch_size).")

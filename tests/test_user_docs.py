@@ -125,3 +125,16 @@ def test_readme_error_section_states_the_exit_codes_and_check_only():
     for claim in ("exit status 2", "exit status 1", "`train_yoso_lora.py`", "`prepare_journeydb.py`",
                   "`inference_examples.py`", "accelerate launch", "first", "--check_only"):
         assert claim in errors, claim
+
+
+def test_code_layout_names_every_module_of_the_package():
+    """README's "Code layout" table and yoso/__init__.py's list name every module of yoso/ and nothing that
+    is gone."""
+    table = section("Code layout")
+    listed = set(re.findall(r"`yoso/([a-z_]+)(?:\.py|/)`", table))
+    modules = {p.stem for p in (REPO / "yoso").glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in (REPO / "yoso").iterdir() if (p / "__init__.py").exists()}
+    assert listed == modules, (sorted(modules - listed), sorted(listed - modules))
+    docstring = (REPO / "yoso" / "__init__.py").read_text()
+    in_docstring = set(re.findall(r"^- ``([a-z_]+)``", docstring, flags=re.M))
+    assert in_docstring == modules, (sorted(modules - in_docstring), sorted(in_docstring - modules))

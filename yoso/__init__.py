@@ -23,6 +23,8 @@ One concept per module:
 - ``precision``     fp16 with two optimizers: D's own gradient scaler; fp16 refused without a GPU
 - ``checkpoint``    atomic checkpoint folders, ``latest``, pruning, the settings a resume must keep
 - ``validation``    1-/2-step validation grids from the LoRA and its EMA
+- ``cli``           flags shared by the training and precompute scripts; one-line argparse errors (exit 2)
+- ``model_configs`` models' configs read without their weights (what the preflight checks)
 - ``checks``        command-line validation that fails in one line before any model loads
 - ``library_noise`` library notices that say nothing to a user, filtered by their exact text
 - ``journeydb``     JourneyDB annotations -> clean prompt file, imagefolder metadata (a package: ``prepare_journeydb.py``)
@@ -32,6 +34,8 @@ One concept per module:
 - ``hub``           which output files go to the Hub, under which names; the upload
 - ``run``           one builder for a training run: settings (named like the flags) -> models, optimizers, step
 - ``outputs``       the final save: LoRA(s), kohya copies, latent statistics, model card
+- ``output_files``  the output files users take away, and their names on the Hub
+- ``atomic``        files written whole or not at all (temp name, then rename)
 - ``tracking``      scalars averaged over accumulation and processes for the trackers
 - ``evaluation``    prompt sets, runs (LoRA x mode x steps), resumable sharded generation, reports
 - ``image_metrics`` FID (TorchScript Inception + torchmetrics) and CLIP score, with their protocol
