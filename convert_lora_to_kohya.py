@@ -10,20 +10,16 @@ line. Every input is checked before anything is written; bad input stops with on
 exit status 2. The conversion lives in yoso/kohya.py.
 """
 
-import argparse
 import sys
 from pathlib import Path
+
+from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
 
 PROG = "convert_lora_to_kohya.py"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = OneLineParser(prog=PROG, description="Write pytorch_lora_weights_kohya.safetensors beside each "
+    p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter, description="Write pytorch_lora_weights_kohya.safetensors beside each "
                       "diffusers-format LoRA of a train_yoso_lora.py --output_dir, a checkpoint-<step> folder or a file.")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="an --output_dir (its LoRA and non_ema/'s), a checkpoint-<step> folder, or a .safetensors file")
@@ -59,7 +55,7 @@ def main(argv=None):
             read_lora_header(f)
     except KohyaExportError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(BAD_INPUT)
 
     from tqdm.auto import tqdm
 

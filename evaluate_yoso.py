@@ -16,26 +16,20 @@ networks) is written into both reports: see yoso/image_metrics.py. Bad input sto
 ``evaluate_yoso.py: error: ...``, and exit status 2, before any model is loaded where it can be.
 """
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
+
+from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
 
 PROG = "evaluate_yoso.py"
 DEFAULT_BASE_MODEL = "runwayml/stable-diffusion-v1-5"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Every bad-input message is one line on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser():
     from yoso.image_metrics import DEFAULT_CLIP_MODEL, FID_RESOLUTION
 
-    p = OneLineParser(prog=PROG, description="FID and CLIP score of YOSO LoRAs for each sampling mode and step count.")
+    p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter, description="FID and CLIP score of YOSO LoRAs for each sampling mode and step count.")
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="SD1.5-family diffusers folder or hub id (default: %(default)s)")
     p.add_argument("--lora", nargs="+", required=True, metavar="LORA",
                    help="one or more LoRAs: a training --output_dir or other folder with pytorch_lora_weights.safetensors, a .safetensors file, or a hub id")
@@ -54,7 +48,7 @@ def build_parser():
                    help="sampling modes with step counts, e.g. lcm:1,2,4 dpm:2 one_step_ipi one_step (default: lcm)")
     p.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
                    help="step counts for lcm/dpm named without :STEPS in --modes (default: 2)")
-    p.add_argument("--guidance_scale", type=float, default=None, help="default: 1.5, and 1.0 for one_step (as inference_examples.py)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale (default: 1.5, and 1.0 for one_step, as inference_examples.py)")
     p.add_argument("--seed", type=int, default=0, help="image k of every run is drawn from a generator seeded SEED + k (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="images per pipeline call (default: %(default)s)")
     p.add_argument("--fid_feature_net", default="auto", metavar="PATH",
@@ -66,7 +60,7 @@ def build_parser():
     p.add_argument("--grid_prompts", type=int, default=8, help="columns of grid.png: the first N prompts (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (each process's accelerator, else CPU), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"), help="auto: float16 on CUDA, else float32")
-    p.add_argument("--output_dir", default="outputs/yoso_eval", help="default: %(default)s")
+    p.add_argument("--output_dir", default="outputs/yoso_eval", help="images, reports and the grid; a rerun resumes here (default: %(default)s)")
     return p
 
 
@@ -240,7 +234,7 @@ def main(argv=None):
         # launcher stops the other processes when one exits.
         if state.is_main_process or stage["planned"]:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(BAD_INPUT) from None
 
 
 if __name__ == "__main__":

@@ -8,40 +8,36 @@
 Writes one PNG per image (its settings in the PNG's "parameters" text chunk) and ``grid.png`` (a row per
 prompt) into --output_dir and prints their paths. Each prompt gets its own generator seeded with --seed,
 so a prompt's images do not depend on the other prompts. --output_dir is created only once the pipeline and the
-LoRA have loaded, so an error leaves no empty folder behind. Bad input stops with a one-line ``error: ...``
+LoRA have loaded, so an error leaves no empty folder behind. Bad input stops with a one-line ``inference_examples.py: error: ...``
 and exit status 2. The logic lives in yoso/inference.py.
 """
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
 
+from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
+
+PROG = "inference_examples.py"
 DEFAULT_BASE_MODEL = "stablediffusionapi/realistic-vision-v51"
 DEFAULT_LORA = "Luo-Yihong/yoso_sd1.5_lora"
 DEFAULT_PROMPT = "A photo of a man, XT3"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Every bad-input message is one line: ``error: ...`` on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser():
-    p = OneLineParser(description="YOSO-LoRA inference: 2-step LCM or DPM-Solver, 1-step with the informative prior (IPI), or plain 1-step.")
+    p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter, description="YOSO-LoRA inference: 2-step LCM or DPM-Solver, 1-step with the informative prior (IPI), or plain 1-step.")
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="SD1.5-family diffusers folder or hub id (default: %(default)s)")
     p.add_argument("--lora", default=DEFAULT_LORA, help="folder with pytorch_lora_weights.safetensors, a .safetensors file, or a hub id (default: %(default)s)")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", nargs="+", metavar="TEXT", help=f"one or more prompts (default: {DEFAULT_PROMPT!r})")
     prompts.add_argument("--prompt_file", help="text file, one prompt per line (blank lines skipped)")
-    p.add_argument("--mode", choices=("lcm", "dpm", "one_step_ipi", "one_step"), default="lcm", help="default: %(default)s")
+    p.add_argument("--mode", choices=("lcm", "dpm", "one_step_ipi", "one_step"), default="lcm",
+                   help="sampler: 2-step LCM or DPM-Solver, 1-step with the informative prior (IPI), or plain 1-step (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: 2 for lcm/dpm; the one-step modes take 1)")
-    p.add_argument("--guidance_scale", type=float, default=None, help="default: 1.5, and 1.0 for one_step")
+    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale (default: 1.5, and 1.0 for one_step)")
     p.add_argument("--seed", type=int, default=318, help="seeds each prompt's generator (default: %(default)s)")
-    p.add_argument("--num_images_per_prompt", type=int, default=1, help="default: %(default)s")
+    p.add_argument("--num_images_per_prompt", type=int, default=1, help="images generated for each prompt (default: %(default)s)")
     p.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength (default: %(default)s)")
     p.add_argument("--fuse_lora", action="store_true", help="merge the LoRA into the UNet weights (same images, faster)")
     stats = p.add_mutually_exclusive_group()
@@ -50,7 +46,7 @@ def build_parser():
                        help="one_step_ipi: compute the statistics from N two-step samples of this pipeline (saved to --output_dir)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"), help="auto: float16 on CUDA, else float32")
-    p.add_argument("--output_dir", default="outputs/yoso_samples", help="default: %(default)s")
+    p.add_argument("--output_dir", default="outputs/yoso_samples", help="where the images and the grid are written (default: %(default)s)")
     return p
 
 
@@ -168,8 +164,8 @@ def main(argv=None):
     try:
         return run(args, prompts)
     except (InferenceError, LatentStatsError, OutputDirError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        raise SystemExit(BAD_INPUT) from None
 
 
 if __name__ == "__main__":

@@ -59,8 +59,10 @@ def parse_args(argv=None):
 
 def refuse(error):
     """A bad input: one line on stderr, exit status 2 (argparse's convention)."""
+    from yoso.cli import BAD_INPUT
+
     print(f"precompute_teacher_latents.py: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(BAD_INPUT)
 
 
 def check_existing_cache(args, settings):

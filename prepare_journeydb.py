@@ -12,11 +12,12 @@ lines for a ``.txt`` output), an optional held-out prompt file, an optional imag
 and a JSON summary. The logic lives in the ``yoso/journeydb/`` package.
 """
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
+
+from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
 
 from yoso.journeydb import (
     DEFAULT_CAPTION_COLUMN,
@@ -37,16 +38,9 @@ PROG = "prepare_journeydb.py"
 INPUT_KINDS = ".jsonl, .jsonl.gz, .tgz/.tar.gz/.tar (streamed), .json (a list of records), .txt (a prompt a line)"
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
-    parser = _OneLineErrorParser(
-        prog=PROG,
+    parser = OneLineErrorParser(
+        prog=PROG, formatter_class=HelpFormatter,
         description="Turn JourneyDB annotation files into a clean, deduplicated prompt file for train_yoso_lora.py.",
     )
     parser.add_argument(
@@ -284,7 +278,7 @@ def _one_line(text, limit=300):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _fail(message, code=2):
+def _fail(message, code=BAD_INPUT):
     print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(code)
 

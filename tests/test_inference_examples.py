@@ -74,7 +74,7 @@ def cli_error(argv, capsys):
         inference_examples.main([str(a) for a in argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    lines = [line for line in err.splitlines() if line.startswith("inference_examples.py: error:")]
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
@@ -359,7 +359,7 @@ def test_bad_lora_paths_fail_before_loading_the_model(tiny_base, lora_dir, tmp_p
 def test_lora_that_does_not_fit_the_base_model(tiny_teacher, tiny_base, lora_dir, tmp_path, capsys):
     # The SD-Turbo-shaped teacher: other text width and linear projections, so the LoRA's shapes differ.
     line = cli_error(["--base_model", tiny_teacher, "--lora", lora_dir, "--device", "cpu", "--output_dir", tmp_path / "o"], capsys)
-    assert line.startswith(f"error: --lora {lora_dir} does not fit --base_model {tiny_teacher}: size mismatch")
+    assert line.startswith(f"inference_examples.py: error: --lora {lora_dir} does not fit --base_model {tiny_teacher}: size mismatch")
     # LoRA keys for modules this UNet does not have (diffusers would only warn and drop them).
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -378,7 +378,7 @@ def test_lora_that_does_not_fit_the_base_model(tiny_teacher, tiny_base, lora_dir
 def test_unavailable_hub_lora_is_one_line(tiny_base, tmp_path, capsys):
     line = cli_error(["--base_model", tiny_base, "--lora", "nobody-here/no-such-lora", "--device", "cpu",
                       "--output_dir", tmp_path / "o"], capsys)
-    assert line.startswith("error: could not load --lora nobody-here/no-such-lora (not a local file or folder, tried as a hub id)")
+    assert line.startswith("inference_examples.py: error: could not load --lora nobody-here/no-such-lora (not a local file or folder, tried as a hub id)")
 
 
 @pytest.mark.parametrize("failure", ["misfit_lora", "hub_lora_unavailable"])
@@ -399,7 +399,7 @@ def test_script_error_is_one_line_on_stderr(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == [f"error: --lora {tmp_path / 'missing'}: no such file or folder (and not a hub id of the form owner/name)"]
+    assert proc.stderr.strip().splitlines() == [f"inference_examples.py: error: --lora {tmp_path / 'missing'}: no such file or folder (and not a hub id of the form owner/name)"]
 
 
 # --------------------------------------------------------------------------------------------------
