@@ -209,6 +209,15 @@ def _encode_prompts(prompts):
     return flat.clone(), offsets
 
 
+def _save_shard(path, settings, epoch, shard, batch_size, chunks, texts, **row_tensors):
+    """One shard file, whole or not at all: the latents (``chunks`` in row order), the rows' texts and the
+    route's per-row tensors (``indices`` and ``noise_seeds`` or ``sample_ids``)."""
+    text_bytes, text_offsets = _encode_prompts(texts)
+    tensors = {"latents": torch.cat(chunks).contiguous(), **row_tensors,
+               "prompt_bytes": text_bytes, "prompt_offsets": text_offsets}
+    _atomic_save(tensors, _shard_metadata(settings, epoch, shard, batch_size), path)
+
+
 def shard_is_complete(path, settings, epoch, shard, batch_size):
     """True if ``path`` is a finished shard made with ``settings``; LatentCacheError if made with others."""
     from safetensors import safe_open
@@ -271,15 +280,8 @@ def precompute_latents(output_dir, latent_source, prompts, settings, num_epochs=
             chunks.append(latents.detach().to("cpu"))
             if progress is not None:
                 progress(len(chunks[-1]))
-        prompt_bytes, prompt_offsets = _encode_prompts([prompts[i] for i in indices])
-        tensors = {
-            "latents": torch.cat(chunks).contiguous(),
-            "indices": torch.tensor(indices, dtype=torch.int64),
-            "noise_seeds": torch.tensor(seeds, dtype=torch.int64),
-            "prompt_bytes": prompt_bytes,
-            "prompt_offsets": prompt_offsets,
-        }
-        _atomic_save(tensors, _shard_metadata(settings, epoch, shard, batch_size), path)
+        _save_shard(path, settings, epoch, shard, batch_size, chunks, [prompts[i] for i in indices],
+                    indices=torch.tensor(indices, dtype=torch.int64), noise_seeds=torch.tensor(seeds, dtype=torch.int64))
         written += 1
     return written
 
@@ -576,15 +578,9 @@ def precompute_image_latents(output_dir, vae, open_source, settings, num_epochs=
                 if progress is not None:
                     progress(len(batch.ids))
             batches.close()
-        caption_bytes, caption_offsets = _encode_prompts(captions)
-        tensors = {
-            "latents": torch.cat(chunks).contiguous(),
-            "indices": epoch_order(count, seed, epoch)[start:stop].clone(),
-            "sample_ids": torch.tensor(ids, dtype=torch.int64),
-            "prompt_bytes": caption_bytes,
-            "prompt_offsets": caption_offsets,
-        }
-        _atomic_save(tensors, _shard_metadata(settings, epoch, shard, batch_size), path)
+        _save_shard(path, settings, epoch, shard, batch_size, chunks, captions,
+                    indices=epoch_order(count, seed, epoch)[start:stop].clone(),
+                    sample_ids=torch.tensor(ids, dtype=torch.int64))
         written += 1
     return written
 
