@@ -368,6 +368,7 @@ def train(args, checked, accelerator, output_dir):
                 accelerator.wait_for_everyone()
     finally:
         progress.close()
+        batches.close()  # joins the data's reader threads now, not at interpreter exit
 
     # ---- save ---------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()

@@ -4,11 +4,13 @@
 
 Each rank writes DUMP_DIR/rank<i>.safetensors (``lora.<name>`` and ``d.<name>`` tensors) and
 DUMP_DIR/rank<i>_indices.json (the prompt indices of every batch it trained on, in order), from the run
-``train()`` returns: the training script itself carries no test hooks.
+``train()`` returns, and DUMP_DIR/rank<i>_threads.json (the threads still alive then): the training script
+itself carries no test hooks.
 """
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,7 @@ def train_and_dump(*args, **kwargs):
     dump.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dump / f"rank{rank}.safetensors"))
     (dump / f"rank{rank}_indices.json").write_text(json.dumps(seen_indices))
+    (dump / f"rank{rank}_threads.json").write_text(json.dumps(sorted(t.name for t in threading.enumerate())))
     return run
 
 

@@ -419,6 +419,46 @@ def test_prefetch_keeps_order_and_raises_the_producer_error():
         next(items)
 
 
+def live_threads(prefix):
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+def test_closing_the_prefetch_joins_its_thread_and_closes_the_source():
+    """A consumer that stops early (the training's last step) closes the prefetch: the producer thread is joined
+    at once, even while it is inside a slow item, and the source generator is closed (its cleanup runs). A
+    daemon thread left decoding at interpreter exit aborts the process after the outputs are written."""
+    import time
+
+    closed = []
+
+    def slow_source():
+        try:
+            i = 0
+            while True:
+                time.sleep(0.3)  # decoding a batch
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    items = prefetch(slow_source(), depth=2)
+    assert [next(items), next(items)] == [0, 1]
+    assert live_threads("image-prefetch"), "the producer runs ahead"
+    items.close()
+    assert live_threads("image-prefetch") == [] and closed == [True]
+
+
+def test_closing_the_batches_stops_the_decode_threads(data, tmp_path):
+    source = open_image_source(make_args(tmp_path, train_data_dir=str(data.bad_folder), dataloader_num_workers=3), 0, 1)
+    batches = source.batches()
+    next(batches)
+    assert len(live_threads("image-decode")) >= 1
+    batches.close()
+    assert live_threads("image-decode") == []
+
+
 def test_decode_threads_give_the_same_batches(data, tmp_path):
     plain = take(open_image_source(make_args(tmp_path, train_data_dir=str(data.bad_folder)), 0, 1), 6)
     threaded = take(open_image_source(make_args(tmp_path, train_data_dir=str(data.bad_folder), dataloader_num_workers=3), 0, 1), 6)

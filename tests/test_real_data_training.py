@@ -61,6 +61,10 @@ def test_training_on_images_writes_a_lora_and_the_images_latent_statistics(image
         assert all(torch.isfinite(v).all() for v in load_file(out / name).values())
     seen = json.loads((root / "dump" / "rank0_indices.json").read_text())
     assert len(seen) == 4 and all(len(b) == 4 for b in seen) and len({i for b in seen for i in b}) == 16
+    # The data's reader thread was joined when the loop ended (a daemon thread left decoding aborted the
+    # process at exit, after the outputs were written).
+    threads = json.loads((root / "dump" / "rank0_threads.json").read_text())
+    assert "MainThread" in threads and not [t for t in threads if t.startswith(("image-prefetch", "image-decode"))]
     # x0 is the base VAE's latent of the data source's images: the statistics equal those of the source's
     # first 4 batches encoded here, in this process, with the same per-sample noise.
     from train_yoso_lora import parse_args

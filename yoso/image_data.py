@@ -282,20 +282,25 @@ class ImageBatchSource:
         """Yield :class:`ImageBatch` forever, starting after ``start_batch`` batches (the number consumed)."""
         epoch, offset = self._locate(start_batch)
         size, first = self.batch_size, self.rank * self.batch_size
-        while True:
-            positions = self._epoch_positions(epoch)
-            batch_index = offset
+        try:
             while True:
-                start = batch_index * self.global_batch_size
-                positions.release(start)
-                if positions.get(start + self.global_batch_size - 1) is None:
-                    break
-                samples, skipped = self._load_slots(positions, range(start + first, start + first + size), epoch)
-                yield ImageBatch(epoch, batch_index, [s.id for s in samples], [s.caption for s in samples],
-                                 torch.stack([s.pixel_values for s in samples]), skipped)
-                batch_index += 1
-            self._epoch_ended(positions, batch_index)
-            epoch, offset = epoch + 1, 0
+                positions = self._epoch_positions(epoch)
+                batch_index = offset
+                while True:
+                    start = batch_index * self.global_batch_size
+                    positions.release(start)
+                    if positions.get(start + self.global_batch_size - 1) is None:
+                        break
+                    samples, skipped = self._load_slots(positions, range(start + first, start + first + size), epoch)
+                    yield ImageBatch(epoch, batch_index, [s.id for s in samples], [s.caption for s in samples],
+                                     torch.stack([s.pixel_values for s in samples]), skipped)
+                    batch_index += 1
+                self._epoch_ended(positions, batch_index)
+                epoch, offset = epoch + 1, 0
+        finally:  # closing the batches stops the decode threads
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
 
 class ImageDatasetSource(ImageBatchSource):
@@ -673,6 +678,9 @@ def prefetch(iterator, depth=2):
         except BaseException as error:  # handed to the consumer
             items.put((done, error))
             return
+        finally:
+            if hasattr(iterator, "close"):
+                iterator.close()  # in this thread: the source's own threads stop with it
         items.put((done, None))
 
     thread = threading.Thread(target=produce, name="image-prefetch", daemon=True)
@@ -686,4 +694,8 @@ def prefetch(iterator, depth=2):
                 return
             yield item
     finally:
+        # Stop and join the producer when the consumer is done (or closes this generator): a daemon thread
+        # still decoding when the interpreter exits aborts the process ("terminate called without an active
+        # exception") after the run's outputs are written.
         stop.set()
+        thread.join()

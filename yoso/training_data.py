@@ -44,14 +44,17 @@ class ImageData:
         return f"images ({type(self.source).__name__})"
 
     def batches(self, models, start_batch=0):
+        from contextlib import closing
+
         from .image_data import prefetch
         from .image_processing import encode_images, latent_generators
 
-        for batch in prefetch(self.source.batches(start_batch)):
-            self.skipped += batch.skipped
-            latents = encode_images(models.vae, batch.pixel_values, latent_generators(self.seed, batch.epoch, batch.ids))
-            yield {"prompts": list(batch.captions), "input_ids": tokenize_prompts(models.tokenizer, list(batch.captions)),
-                   "indices": list(batch.ids), "epoch": batch.epoch, "latents": latents}
+        with closing(prefetch(self.source.batches(start_batch))) as ahead:  # closing these batches stops the reader
+            for batch in ahead:
+                self.skipped += batch.skipped
+                latents = encode_images(models.vae, batch.pixel_values, latent_generators(self.seed, batch.epoch, batch.ids))
+                yield {"prompts": list(batch.captions), "input_ids": tokenize_prompts(models.tokenizer, list(batch.captions)),
+                       "indices": list(batch.ids), "epoch": batch.epoch, "latents": latents}
 
 
 class CachedImageData:
