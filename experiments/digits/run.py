@@ -190,8 +190,61 @@ def code_version():
     return {"commit": head or None, "training_code_modified": bool(dirty)}
 
 
+def prepare_yoso_inputs(out, runs):
+    """The prompts file (teacher route) and, for the real-data run, the training images as an imagefolder.
+    Returns the number of prompts."""
+    from experiments.digits.evaluate import IMAGEFOLDER
+
+    yoso_dir = out / "yoso"
+    yoso_dir.mkdir(parents=True, exist_ok=True)
+    n_prompts = write_prompts(yoso_dir / "prompts.jsonl")
+    if "real_data" in runs:
+        n_images = len(D.load_split()[1])
+        metadata = out / IMAGEFOLDER / "metadata.jsonl"
+        if not (metadata.is_file() and len(metadata.read_text().splitlines()) == n_images):
+            D.write_imagefolder(out / IMAGEFOLDER)
+            log(f"yoso: wrote {n_images} training images with captions to {out / IMAGEFOLDER}")
+    return n_prompts
+
+
+def train_yoso_run(out, name, run_dir, marker, budget, seed, n_prompts, quiet, device):
+    """Train YOSO-LoRA run ``name`` (a key of ``YOSO_RUNS``) with ``seed`` into ``run_dir``, unless ``marker``
+    says it was made with the same settings. Returns its training seconds."""
+    from experiments.digits.evaluate import YOSO_RUNS
+
+    label, extra = YOSO_RUNS[name]
+    cmd = yoso_command(out, run_dir, budget, extra, seed, device)
+    settings = {k: budget[k] for k in YOSO_KEYS} | {"seed": seed, "extra": extra, "prompts": n_prompts}
+    if _stage_done(marker, settings) and (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        log(f"yoso {run_dir.name}: done already")
+        return json.loads(marker.read_text())["seconds"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log(f"yoso {run_dir.name} ({label}, seed {seed}): {budget['yoso_steps']} steps x {budget['yoso_batch']} "
+        + ("images" if name == "real_data" else "prompts"))
+    t0 = time.time()
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "true"
+    log_path = marker.with_name(marker.name.replace(".done.json", ".log"))
+    with open(log_path, "w") as log_file:
+        log_file.write(" ".join(cmd) + "\n\n")
+        log_file.flush()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=None if not quiet else log_file,
+                              stderr=subprocess.STDOUT if quiet else None)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:] if quiet else ""
+        raise StageError(f"train_yoso_lora.py failed for run '{run_dir.name}' (exit {proc.returncode}); command in {log_path}\n{tail}")
+    for needed in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors", "latent_stats.safetensors"):
+        if not (run_dir / needed).is_file():
+            raise StageError(f"train_yoso_lora.py finished run '{run_dir.name}' but wrote no {run_dir / needed}")
+    seconds = time.time() - t0
+    _mark(marker, settings, seconds, command=cmd, code=code_version())
+    log(f"yoso {run_dir.name}: {seconds:.0f} s")
+    return seconds
+
+
 def stage_yoso(out, budget, seed, quiet, device):
-    from experiments.digits.evaluate import IMAGEFOLDER, YOSO_RUNS
+    from experiments.digits.evaluate import YOSO_RUNS
 
     unknown = [r for r in budget["yoso_runs"] if r not in YOSO_RUNS]
     if unknown or "main" not in budget["yoso_runs"]:
@@ -199,49 +252,25 @@ def stage_yoso(out, budget, seed, quiet, device):
     if not TRAIN_SCRIPT.is_file():
         raise StageError(f"the YOSO stage needs the training script {TRAIN_SCRIPT}, which does not exist yet; "
                          "every other stage works without it: rerun with --skip-yoso.")
-    yoso_dir = out / "yoso"
-    yoso_dir.mkdir(parents=True, exist_ok=True)
-    n_prompts = write_prompts(yoso_dir / "prompts.jsonl")
-    if "real_data" in budget["yoso_runs"]:
-        n_images = len(D.load_split()[1])
-        metadata = out / IMAGEFOLDER / "metadata.jsonl"
-        if not (metadata.is_file() and len(metadata.read_text().splitlines()) == n_images):
-            D.write_imagefolder(out / IMAGEFOLDER)
-            log(f"yoso: wrote {n_images} training images with captions to {out / IMAGEFOLDER}")
-    seconds = {}
-    for name in budget["yoso_runs"]:
-        label, extra = YOSO_RUNS[name]
-        run_dir = yoso_dir / name
-        cmd = yoso_command(out, run_dir, budget, extra, seed, device)
-        settings = {k: budget[k] for k in YOSO_KEYS} | {"seed": seed, "extra": extra, "prompts": n_prompts}
-        marker = yoso_dir / f"{name}.done.json"
-        if _stage_done(marker, settings) and (run_dir / "pytorch_lora_weights.safetensors").is_file():
-            log(f"yoso {name}: done already")
-            seconds[name] = json.loads(marker.read_text())["seconds"]
-            continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log(f"yoso {name} ({label}): {budget['yoso_steps']} steps x {budget['yoso_batch']} "
-            + ("images" if name == "real_data" else "prompts"))
-        t0 = time.time()
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if device == "cpu":
-            env["ACCELERATE_USE_CPU"] = "true"
-        log_path = yoso_dir / f"{name}.log"
-        with open(log_path, "w") as log_file:
-            log_file.write(" ".join(cmd) + "\n\n")
-            log_file.flush()
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=None if not quiet else log_file,
-                                  stderr=subprocess.STDOUT if quiet else None)
-        if proc.returncode != 0:
-            tail = log_path.read_text()[-3000:] if quiet else ""
-            raise StageError(f"train_yoso_lora.py failed for run '{name}' (exit {proc.returncode}); command in {log_path}\n{tail}")
-        for needed in ("pytorch_lora_weights.safetensors", "non_ema/pytorch_lora_weights.safetensors", "latent_stats.safetensors"):
-            if not (run_dir / needed).is_file():
-                raise StageError(f"train_yoso_lora.py finished run '{name}' but wrote no {run_dir / needed}")
-        seconds[name] = time.time() - t0
-        _mark(marker, settings, seconds[name], command=cmd, code=code_version())
-        log(f"yoso {name}: {seconds[name]:.0f} s")
-    return seconds
+    n_prompts = prepare_yoso_inputs(out, budget["yoso_runs"])
+    return {name: train_yoso_run(out, name, out / "yoso" / name, out / "yoso" / f"{name}.done.json", budget, seed,
+                                 n_prompts, quiet, device)
+            for name in budget["yoso_runs"]}
+
+
+def stage_seeds(out, budget, table_seed, seeds, runs, quiet, device):
+    """The runs of ``runs`` trained again with each seed of ``seeds`` (the table's seed is its own run, trained
+    by ``stage_yoso`` if missing), and their 1-step rows evaluated. Returns the evaluated results."""
+    from experiments.digits import evaluate as E
+    from experiments.digits import seeds as S
+
+    n_prompts = prepare_yoso_inputs(out, runs)
+    for name in runs:
+        for seed in seeds:
+            run_dir, marker = S.run_dir(name, seed, table_seed), S.run_marker(name, seed, table_seed)
+            train_yoso_run(out, name, out / run_dir, out / marker, budget, seed, n_prompts, quiet, device)
+    specs = E.row_specs(with_yoso=False) + S.seed_row_specs(runs, seeds, table_seed)
+    return E.evaluate_rows(out, specs, budget["n_per_digit"], batch_size=budget["eval_batch"], quiet=quiet, device=device)
 
 
 def stage_evaluate(out, budget, with_yoso, quiet, device):
@@ -268,6 +297,11 @@ def main(argv=None):
                    "budgets are sized for 2 CPU cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one budget entry (JSON value), e.g. --set unet_steps=5000; repeatable")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="instead of the table: train the main and real-data runs with these training seeds (--seed's "
+                        "is the table's own run) and write <prefix>_seeds.{md,json}, every seed and the spread")
+    p.add_argument("--seed_runs", nargs="+", default=None, metavar="RUN",
+                   help="with --seeds: only these runs (default: main real_data)")
     args = p.parse_args(argv)
 
     variant = "quick" if args.quick else "full"
@@ -289,6 +323,8 @@ def main(argv=None):
     t_all = time.time()
     timings["classifier"] = stage_classifier(out, budget, args.quiet)
     timings["base_model"] = stage_base(out, budget, args.seed, args.quiet, args.device)
+    if args.seeds is not None:
+        return seeds_report(out, budget, args, figures, prefix, command)
     yoso_seconds = {}
     if not args.skip_yoso:
         yoso_seconds = stage_yoso(out, budget, args.seed, args.quiet, args.device)
@@ -337,6 +373,24 @@ def main(argv=None):
     paths = R.write_report(out, results, figures, prefix, command, meta, n_boot=budget["fd_bootstrap"])
     log("report: " + ", ".join(paths.values()))
     log(f"total {time.time() - t_all:.0f} s")
+    return paths
+
+
+def seeds_report(out, budget, args, figures, prefix, command):
+    from experiments.digits import seeds as S
+
+    runs = args.seed_runs or list(S.SEED_RUNS)
+    unknown = [r for r in runs if r not in S.SEED_RUNS]
+    if unknown:
+        raise StageError(f"--seed_runs {' '.join(unknown)}: the seed study covers {', '.join(S.SEED_RUNS)}")
+    seeds = sorted(set(args.seeds))
+    command += " --seeds " + " ".join(map(str, seeds)) + (" --seed_runs " + " ".join(runs) if args.seed_runs else "")
+    t0 = time.time()
+    results = stage_seeds(out, budget, args.seed, seeds, runs, args.quiet, args.device)
+    meta = {"budget": {k: budget[k] for k in YOSO_KEYS}, "table_seed": args.seed, "code": code_version(),
+            "torch_threads": __import__("torch").get_num_threads(), "seconds_this_invocation": time.time() - t0}
+    paths = S.write_seed_report(results, runs, seeds, figures, prefix, command, meta)
+    log("seeds report: " + ", ".join(paths.values()))
     return paths
 
 
