@@ -226,6 +226,7 @@ def train_yoso_run(out, name, run_dir, marker, budget, seed, n_prompts, quiet, d
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"
     log_path = marker.with_name(marker.name.replace(".done.json", ".log"))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
         log_file.write(" ".join(cmd) + "\n\n")
         log_file.flush()
