@@ -319,3 +319,31 @@ def test_quick_variant_rerun_skips_finished_stages(quick_run):
     assert "base model: done already" in proc.stdout and "yoso main: done already" in proc.stdout
     assert "yoso real_data: done already" in proc.stdout and "wrote 1437 training images" not in proc.stdout
     assert {p: p.stat().st_mtime for p in before} == before
+
+
+def test_quick_variant_seeds_reuse_the_tables_run_and_train_the_others(quick_run):
+    """--seeds: the table's seed is the table's own run (not retrained; its rows equal the table's), another
+    seed is a new training with other weights; the report's mean and counts follow from the per-seed rows."""
+    from safetensors.torch import load_file
+
+    out, _, _ = quick_run
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "digits" / "run.py"), "--quick", "--quiet",
+                           "--out", str(out), "--seeds", "0", "1"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "yoso main: done already" in proc.stdout and "yoso real_data: done already" in proc.stdout
+    assert "yoso main_seed1 (YOSO-LoRA, seed 1)" in proc.stdout
+    table = {r["name"]: r for r in json.loads((out / "figures" / "digits_quick_results.json").read_text())["rows"]}
+    summary = json.loads((out / "figures" / "digits_quick_seeds.json").read_text())["summary"]
+    for run, table_row in (("main", "yoso_ema_1"), ("real_data", "real_data_1")):
+        seeds = summary["runs"][run]["seeds"]
+        assert [s["seed"] for s in seeds] == [0, 1]
+        assert seeds[0]["frechet"] == pytest.approx(table[table_row]["frechet"], abs=1e-9)
+        assert seeds[0]["frechet_ipi"] == pytest.approx(table[table_row + "_ipi"]["frechet"], abs=1e-9)
+        assert summary["runs"][run]["stats"]["frechet"]["mean"] == pytest.approx((seeds[0]["frechet"] + seeds[1]["frechet"]) / 2)
+        below = sum(s["frechet"] < summary["teacher_frechet"] for s in seeds)
+        assert summary["runs"][run]["seeds_below_teacher"] == below
+        other = load_file(str(out / "yoso_seeds" / f"{run}_seed1" / "pytorch_lora_weights.safetensors"))
+        own = load_file(str(out / "yoso" / run / "pytorch_lora_weights.safetensors"))
+        assert any(not np.array_equal(other[k].numpy(), own[k].numpy()) for k in own)
+    md = (out / "figures" / "digits_quick_seeds.md").read_text()
+    assert "mean ± sd" in md and "--seeds 0 1" in md
