@@ -450,6 +450,26 @@ def test_closing_the_prefetch_joins_its_thread_and_closes_the_source():
     assert live_threads("image-prefetch") == [] and closed == [True]
 
 
+def test_closing_the_prefetch_while_the_producer_fails_or_ends_does_not_hang():
+    """The producer's last message (an error, or the end) waits for room in a full queue: a consumer that closes
+    instead of reading on must not leave it (and the join) waiting forever."""
+    import threading
+    import time
+
+    def failing_after(n):
+        yield from range(n)
+        raise ImageDataError("bad shard")
+
+    for source in (failing_after(2), iter(range(2))):
+        items = prefetch(source, depth=1)
+        assert next(items) == 0
+        time.sleep(0.5)  # the producer has queued 1 and now waits to hand over its error, or the end
+        closer = threading.Thread(target=items.close)
+        closer.start()
+        closer.join(timeout=10)
+        assert not closer.is_alive() and live_threads("image-prefetch") == []
+
+
 def test_closing_the_batches_stops_the_decode_threads(data, tmp_path):
     source = open_image_source(make_args(tmp_path, train_data_dir=str(data.bad_folder), dataloader_num_workers=3), 0, 1)
     batches = source.batches()

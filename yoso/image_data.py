@@ -664,24 +664,28 @@ def prefetch(iterator, depth=2):
     stop = threading.Event()
     done = object()
 
+    def offer(entry):
+        """Put ``entry`` when there is room; False once the consumer has stopped (nobody would take it)."""
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for item in iterator:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((item, None)):
                     return
         except BaseException as error:  # handed to the consumer
-            items.put((done, error))
+            offer((done, error))
             return
         finally:
             if hasattr(iterator, "close"):
                 iterator.close()  # in this thread: the source's own threads stop with it
-        items.put((done, None))
+        offer((done, None))
 
     thread = threading.Thread(target=produce, name="image-prefetch", daemon=True)
     thread.start()
