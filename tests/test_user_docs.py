@@ -138,3 +138,21 @@ def test_code_layout_names_every_module_of_the_package():
     docstring = (REPO / "yoso" / "__init__.py").read_text()
     in_docstring = set(re.findall(r"^- ``([a-z_]+)``", docstring, flags=re.M))
     assert in_docstring == modules, (sorted(modules - in_docstring), sorted(in_docstring - modules))
+
+
+def markdown_table(text, header):
+    """The lines of the markdown table that starts with ``header`` in ``text``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("figure, header", [("figures/digits_results.md", "| Row | Steps"),
+                                            ("figures/digits_seeds.md", "| Run | Seed")])
+def test_readme_digits_tables_are_the_committed_results(figure, header):
+    """README's digits tables are copies of what experiments/digits/run.py wrote, row for row."""
+    written = markdown_table((REPO / figure).read_text(), header)
+    assert len(written) > 4 and markdown_table(section("Proof on real data"), header) == written
