@@ -730,6 +730,9 @@ def test_ctrl_c_on_the_running_script_leaves_no_file(tmp_path):
         [sys.executable, str(REPO / "prepare_journeydb.py"), str(source), "--output_file", "out.jsonl",
          "--skip_truncation_count", "--no_progress"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as in a terminal: a child inherits an ignored SIGINT (a test runner's worker may ignore it), and
+        # Python then installs no KeyboardInterrupt handler at all.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.monotonic() < deadline:
