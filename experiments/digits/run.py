@@ -260,8 +260,9 @@ def stage_yoso(out, budget, seed, quiet, device):
 
 
 def stage_seeds(out, budget, table_seed, seeds, runs, quiet, device):
-    """The runs of ``runs`` trained again with each seed of ``seeds`` (the table's seed is its own run, trained
-    by ``stage_yoso`` if missing), and their 1-step rows evaluated. Returns the evaluated results."""
+    """The runs of ``runs`` trained again with each seed of ``seeds`` (the table's seed is the table's own run,
+    under the same marker, so it is trained here only if the table's stage has not), and their 1-step rows
+    evaluated. Returns the evaluated results."""
     from experiments.digits import evaluate as E
     from experiments.digits import seeds as S
 
