@@ -1,4 +1,4 @@
-"""One command-line convention for every script (README, "Errors, exit codes and `--check_only`"): a bad flag
+"""One command-line convention for every script (docs/training.md, "Errors, exit codes and `--check_only`"): a bad flag
 is one line on stderr that starts with the script's name, exit status 2, no traceback; `--help` gives every
 flag a help text and shows its default."""
 

@@ -591,11 +591,11 @@ def test_lora_that_does_not_fit_leaves_no_output_dir(tiny_teacher, lora_dir, coc
 
 
 # --------------------------------------------------------------------------------------------------
-# README
+# docs/evaluation.md
 
 
 def readme_evaluate_commands():
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
     start, end = text.index("<!-- evaluate:start -->"), text.index("<!-- evaluate:end -->")
     commands = []
     for block in re.findall(r"^```bash\n(.*?)^```", text[start:end], flags=re.S | re.M):

@@ -192,7 +192,7 @@ def test_fp16_two_processes_hold_identical_weights(tiny_base, tiny_teacher, tmp_
 
 
 def test_fp16_training_from_the_teacher_cache_equals_on_the_fly(tiny_base, tiny_teacher, tmp_path):
-    """The README's cache commands use fp16: fp16 teacher latents stored, then read back, train the same."""
+    """docs/performance.md's cache commands use fp16: fp16 teacher latents stored, then read back, train the same."""
     from harness import REPO
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=16)

@@ -1,6 +1,6 @@
 """inference_examples.py and yoso/inference.py on the tiny SD1.5-shaped pipeline: every mode, the LoRA's
-effect, --fuse_lora, the informative prior (IPI) and its statistics file, one-line errors, and the
-README's usage snippets, executed with the hub ids swapped for tiny local folders."""
+effect, --fuse_lora, the informative prior (IPI) and its statistics file, one-line errors, and the usage
+snippets of docs/inference.md and the README, executed with the hub ids swapped for tiny local folders."""
 
 import os
 import re
@@ -403,14 +403,14 @@ def test_script_error_is_one_line_on_stderr(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The README's usage section: every snippet runs against the tiny models
+# docs/inference.md's usage section: every snippet runs against the tiny models
 
 
 BASE_IDS = ("stablediffusionapi/realistic-vision-v51", "runwayml/stable-diffusion-v1-5")
 LORA_IDS = ("Luo-Yihong/yoso_sd1.5_lora", "yoso-lora-output")
 PY_DEVICE_DTYPE = (("torch.float16", "torch.float32"), ("'cuda'", '"cpu"'), ('"cuda"', '"cpu"'))
 
-# The python snippets in README order: a text each must contain, and the command-line arguments that
+# The python snippets in page order: a text each must contain, and the command-line arguments that
 # must give the same image.
 PY_SNIPPETS = [
     ("LCMScheduler", ["--mode", "lcm", "--seed", "318", "--prompt", "A photo of a man, XT3"]),
@@ -421,7 +421,7 @@ PY_SNIPPETS = [
 
 
 def usage_section():
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "inference.md").read_text(encoding="utf-8")
     start, end = text.index("<!-- usage:start -->"), text.index("<!-- usage:end -->")
     assert start < end
     return text[start:end]
@@ -442,7 +442,7 @@ def readme_commands():
 
 def localize_python(code, base, lora):
     """Swap the hub ids for tiny local folders, float16 for float32 and CUDA for the CPU; assert that the
-    block contained each of them, so an edit of the README cannot make this test skip a block."""
+    block contained each of them, so an edit of the page cannot make this test skip a block."""
     swaps = {**{i: ("base", str(base)) for i in BASE_IDS}, **{i: ("lora", str(lora)) for i in LORA_IDS},
              **{old: ("float16" if "float16" in old else "cuda", new) for old, new in PY_DEVICE_DTYPE}}
     replaced = {"base": 0, "lora": 0, "float16": 0, "cuda": 0}
@@ -454,7 +454,7 @@ def localize_python(code, base, lora):
 
     # One pass, so that a replacement is never itself rewritten.
     code = re.sub("|".join(re.escape(old) for old in swaps), swap, code)
-    assert all(replaced.values()), f"a README snippet lacks one of the swapped parts: {replaced}"
+    assert all(replaced.values()), f"a usage snippet lacks one of the swapped parts: {replaced}"
     assert "cuda" not in code and "float16" not in code
     return code
 
@@ -474,7 +474,7 @@ def test_readme_has_the_usage_snippets():
 def test_readme_python_snippet_runs_and_matches_the_script(index, tiny_base, lora_dir, tmp_path):
     code = localize_python(readme_blocks("python")[index], tiny_base, lora_dir)
     namespace = {"__name__": "readme_snippet"}
-    exec(compile(code, f"README.md usage snippet {index + 1}", "exec"), namespace)
+    exec(compile(code, f"docs/inference.md usage snippet {index + 1}", "exec"), namespace)
     image = namespace["imgs"][0]
     assert isinstance(image, Image.Image) and image.size == (SIZE, SIZE)
     cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", "cpu", "--output_dir", tmp_path / "cli",
@@ -501,3 +501,38 @@ def test_readme_command_runs(index, tiny_base, lora_dir, tmp_path, capsys):
     for path in paths[:-1]:
         with Image.open(path) as image:
             assert image.size == (SIZE, SIZE)
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's one snippet: run as written (only the hub ids swapped), on the device it picks
+
+
+def readme_snippet():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(blocks) == 1, "the README shows one inference snippet"
+    return blocks[0]
+
+
+def test_readme_snippet_runs_as_written_and_matches_the_script(tiny_base, lora_dir, tmp_path, monkeypatch):
+    code = readme_snippet()
+    # Device and dtype as users expect: CUDA in float16 when there is one, else the CPU in float32.
+    assert 'torch.cuda.is_available() else "cpu"' in code and "torch.float16 if" in code and "torch.float32" in code
+    swaps = {'"stablediffusionapi/realistic-vision-v51"': repr(str(tiny_base)),
+             '"Luo-Yihong/yoso_sd1.5_lora"': repr(str(lora_dir))}
+    for old, new in swaps.items():
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme_snippet"}
+    exec(compile(code, "README.md inference snippet", "exec"), namespace)
+    device = namespace["device"]
+    assert namespace["dtype"] == (torch.float16 if device == "cuda" else torch.float32)
+    if not torch.cuda.is_available():
+        assert device == "cpu" and namespace["pipeline"].unet.dtype == torch.float32
+    saved = Image.open(tmp_path / "man.png")
+    assert saved.size == (SIZE, SIZE) and np.array_equal(pixels(saved), pixels(namespace["image"]))
+    # The first docs/inference.md snippet's settings: the script gives the same image on the same device.
+    cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
+                   *PY_SNIPPETS[0][1]])
+    assert np.abs(pixels(cli[0]) - pixels(saved)).max() <= 1, "the script gives the snippet's image"

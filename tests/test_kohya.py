@@ -200,11 +200,11 @@ def test_script_exit_status_from_the_command_line(tmp_path):
 
 
 def test_readme_converter_commands_run(run_dir, tmp_path):
-    """README's convert_lora_to_kohya.py lines, with yoso-lora-output swapped for a run-shaped folder."""
+    """docs/training.md's convert_lora_to_kohya.py lines, with yoso-lora-output swapped for a run-shaped folder."""
     import shlex
 
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("#### Kohya format", 1)[1].split("####", 1)[0]
+    text = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    section = text.split("\n### Kohya format", 1)[1].split("\n#", 1)[0]
     commands = [shlex.split(line, comments=True) for line in section.splitlines() if line.startswith("python convert_lora_to_kohya.py")]
     assert len(commands) == 2
     out = tmp_path / "out"

@@ -1,6 +1,6 @@
-"""README.md against the code it describes (issue 12): the install commands and what scripts/setup_env.sh
-installs, the `hf` download command, the text the training uses, the error section, and no references to
-issue numbers a reader cannot see."""
+"""README.md and docs/*.md against the code they describe (issue 12): the install commands and what
+scripts/setup_env.sh installs, the `hf` download command, the text the training uses, the error section, the
+code layout, the digits tables, and no references to issue numbers a reader cannot see."""
 
 import os
 import re
@@ -13,14 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+DOCS = sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
-def section(title):
-    """The README text from the heading ``title`` to the next heading of the same or a higher level (lines
-    in fenced code blocks are no headings)."""
+def section(title, page="README.md"):
+    """The text of ``page`` from the heading ``title`` to the next heading of the same or a higher level
+    (lines in fenced code blocks are no headings)."""
     lines, found, level, in_code = [], None, 0, False
-    for line in README.splitlines():
+    for line in (REPO / page).read_text().splitlines():
         if line.startswith("```"):
             in_code = not in_code
         heading = None if in_code else re.match(r"^(#+) (.*)$", line)
@@ -87,8 +88,9 @@ def test_readme_install_and_quick_start_say_what_is_installed(tmp_path):
 
 
 def test_readme_download_commands_use_hf_and_it_takes_their_flags():
-    assert "huggingface-cli" not in README
-    commands = [line.strip() for line in README.replace("\\\n", " ").splitlines() if line.lstrip().startswith("hf download")]
+    text = "\n".join((REPO / doc).read_text() for doc in ["README.md", *DOCS])
+    assert "huggingface-cli" not in text
+    commands = [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.lstrip().startswith("hf download")]
     assert len(commands) >= 2
     hf = Path(sys.executable).parent / "hf"
     assert hf.is_file(), "huggingface_hub's `hf` command is not in the venv"
@@ -109,7 +111,7 @@ def test_intro_names_the_text_the_training_uses_by_default(tmp_path):
     assert "Midjourney prompt" in intro and "--text_source caption" in intro
 
 
-USER_DOCS = ["README.md", "experiments/digits/README.md", "figures/digits_results.md", "requirements.txt",
+USER_DOCS = ["README.md", *DOCS, "experiments/digits/README.md", "figures/digits_results.md", "requirements.txt",
              "requirements-dev.txt"]
 
 
@@ -121,16 +123,16 @@ def test_user_docs_cite_no_issue_a_reader_cannot_see(doc):
 
 
 def test_readme_error_section_states_the_exit_codes_and_check_only():
-    errors = section("Errors, exit codes and `--check_only`")
+    errors = section("Errors, exit codes and `--check_only`", "docs/training.md")
     for claim in ("exit status 2", "exit status 1", "`train_yoso_lora.py`", "`prepare_journeydb.py`",
                   "`inference_examples.py`", "accelerate launch", "first", "--check_only"):
         assert claim in errors, claim
 
 
 def test_code_layout_names_every_module_of_the_package():
-    """README's "Code layout" table and yoso/__init__.py's list name every module of yoso/ and nothing that
-    is gone."""
-    table = section("Code layout")
+    """docs/development.md's "Code layout" table and yoso/__init__.py's list name every module of yoso/ and
+    nothing that is gone."""
+    table = section("Code layout", "docs/development.md")
     listed = set(re.findall(r"`yoso/([a-z_]+)(?:\.py|/)`", table))
     modules = {p.stem for p in (REPO / "yoso").glob("*.py") if p.stem != "__init__"}
     modules |= {p.name for p in (REPO / "yoso").iterdir() if (p / "__init__.py").exists()}
@@ -153,6 +155,31 @@ def markdown_table(text, header):
 @pytest.mark.parametrize("figure, header", [("figures/digits_results.md", "| Row | Steps"),
                                             ("figures/digits_seeds.md", "| Run | Seed")])
 def test_readme_digits_tables_are_the_committed_results(figure, header):
-    """README's digits tables are copies of what experiments/digits/run.py wrote, row for row."""
+    """docs/results.md's digits tables are copies of what experiments/digits/run.py wrote, row for row."""
     written = markdown_table((REPO / figure).read_text(), header)
-    assert len(written) > 4 and markdown_table(section("Proof on real data"), header) == written
+    assert len(written) > 4 and markdown_table(section("Proof on real data", "docs/results.md"), header) == written
+
+
+def test_readme_results_table_is_rows_of_the_committed_results():
+    """The README's one results table: the written table's header and a selection of its rows, each copied
+    as written (the reference, the teacher, the base, YOSO-LoRA from the teacher and from real images)."""
+    written = markdown_table((REPO / "figures" / "digits_results.md").read_text(), "| Row | Steps")
+    shown = markdown_table(section("Results"), "| Row | Steps")
+    assert shown[:2] == written[:2] and len(shown) >= 8
+    assert all(row in written[2:] for row in shown[2:]), [row for row in shown[2:] if row not in written]
+    names = [row.split("|")[1].strip() for row in shown[2:]]
+    for name in ("real test images (reference)", "teacher (base, DPM-Solver++, 25 steps)", "YOSO-LoRA EMA, 1 step",
+                 "YOSO-LoRA on real images (no teacher), EMA, 1 step"):
+        assert name in names, name
+    assert any(name.startswith("base,") for name in names)
+
+
+def test_readme_seed_figures_are_the_committed_ones():
+    """The README's sentence on training seeds quotes figures/digits_seeds.md's 1-step Frechet distances."""
+    seeds = markdown_table((REPO / "figures" / "digits_seeds.md").read_text(), "| Run | Seed")
+    main = [[cell.strip() for cell in row.split("|")[1:-1]] for row in seeds if row.startswith("| YOSO-LoRA |")]
+    others = [cells[2] for cells in main if cells[1] not in ("0", "mean ± sd")]
+    summary = next(cells[2] for cells in main if cells[1] == "mean ± sd")
+    assert len(main) == 6  # seeds 0 to 4 and their summary
+    quoted = f"give {', '.join(others[:-1])} and {others[-1]} ({summary} over five seeds"
+    assert quoted in " ".join(section("Results").split()), quoted
