@@ -1,4 +1,4 @@
-"""Generate images with a YOSO LoRA: the README's usage snippets as one command.
+"""Generate images with a YOSO LoRA: the usage snippets of docs/inference.md as one command.
 
     python inference_examples.py --lora Luo-Yihong/yoso_sd1.5_lora                      # 2 steps, LCM
     python inference_examples.py --lora yoso-lora-output --mode dpm --prompt "A photo of a girl, XT3"

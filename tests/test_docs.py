@@ -101,6 +101,20 @@ def test_github_slugs():
     assert github_slug("Step order, D's update in pieces, and memory") == "step-order-ds-update-in-pieces-and-memory"
 
 
+def test_readme_test_command_is_the_one_ci_runs():
+    """The README's Tests block is .ci/run's pytest line (its python is setup_env.sh's .venv/bin/python)
+    with the environment .ci/run exports."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("\n## Tests\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    ci = (REPO / ".ci" / "run").read_text()
+    pytest_line = next(line for line in ci.splitlines() if " -m pytest " in line)
+    assert block[1] == pytest_line.replace('"$PY"', ".venv/bin/python").replace(' "$@"', "")
+    assert block[0].startswith("export ")
+    exported = set(block[0].split()[1:])
+    ci_env = set(re.search(r"^export (HF_HUB_OFFLINE.*)$", ci, flags=re.M).group(1).split())
+    assert ci_env | {"OMP_NUM_THREADS=1"} == exported and 'OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"' in ci
+
+
 # --------------------------------------------------------------------------------------------------
 # docs/training.md: several GPUs and several nodes
 

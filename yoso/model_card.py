@@ -2,7 +2,7 @@
 
 The metadata is built with huggingface_hub's ``ModelCardData`` (base model, the base's license, tags,
 ``library_name: diffusers``, ``inference: true``); the body says what the files are, how to use them
-(the README's 2-step LCM and 1-step informative-prior snippets, pointing at this folder or at the Hub
+(docs/inference.md's 2-step LCM and 1-step informative-prior snippets, pointing at this folder or at the Hub
 repository), shows the latest validation grid, and lists the teacher, the data and the settings of the run.
 """
 
@@ -18,7 +18,7 @@ from .lora import LORA_WEIGHT_NAME
 
 TAGS = ["text-to-image", "diffusers", "lora", "yoso"]
 PAPER = "https://arxiv.org/abs/2403.12931"
-DEFAULT_PROMPT = "A photo of a man, XT3"  # README's snippets
+DEFAULT_PROMPT = "A photo of a man, XT3"  # the usage snippets' (README.md, docs/inference.md)
 
 # Licenses of known base models (the Hub's license identifiers). A LoRA is a derivative of its base.
 BASE_LICENSES = {
