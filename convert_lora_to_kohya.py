@@ -7,13 +7,13 @@
 Each ``pytorch_lora_weights.safetensors`` gets a ``pytorch_lora_weights_kohya.safetensors`` beside it
 (replaced if present; written under a temporary name, then renamed). The written paths are printed, one a
 line. Every input is checked before anything is written; bad input stops with one ``error:`` line and
-exit status 2. The conversion lives in yoso/kohya.py.
+exit status 2. The conversion lives in yoso/outputs/kohya.py.
 """
 
 import sys
 from pathlib import Path
 
-from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
+from yoso.training.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
 
 PROG = "convert_lora_to_kohya.py"
 
@@ -28,8 +28,8 @@ def build_parser():
 
 def lora_files_in(path):
     """The diffusers-format LoRA files that ``path`` stands for (a file, or a folder and its non_ema/)."""
-    from yoso.kohya import KohyaExportError
-    from yoso.lora import LORA_WEIGHT_NAME
+    from yoso.outputs.kohya import KohyaExportError
+    from yoso.method.lora import LORA_WEIGHT_NAME
 
     path = Path(path)
     if path.is_file():
@@ -46,7 +46,7 @@ def lora_files_in(path):
 def main(argv=None):
     """Convert; returns the written paths. Bad input: one line on stderr, exit status 2, nothing written."""
     args = build_parser().parse_args(argv)
-    from yoso.kohya import KohyaExportError, read_lora_header, save_kohya_lora
+    from yoso.outputs.kohya import KohyaExportError, read_lora_header, save_kohya_lora
 
     try:
         files = [f for path in args.paths for f in lora_files_in(path)]

@@ -12,7 +12,7 @@ Every image is saved as soon as it is made; running the same command again makes
 (image k is seeded ``--seed + k``, so it does not depend on what was skipped). Under ``accelerate launch``
 each process makes its share, and the main process computes the metrics once all images exist and writes
 ``metrics.json``, ``metrics.md`` (a table) and ``grid.png``. The protocol (image sizes, resizing, feature
-networks) is written into both reports: see yoso/image_metrics.py. Bad input stops with one line,
+networks) is written into both reports: see yoso/evaluation/metrics.py. Bad input stops with one line,
 ``evaluate_yoso.py: error: ...``, and exit status 2, before any model is loaded where it can be.
 """
 
@@ -20,14 +20,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
+from yoso.training.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
 
 PROG = "evaluate_yoso.py"
 DEFAULT_BASE_MODEL = "runwayml/stable-diffusion-v1-5"
 
 
 def build_parser():
-    from yoso.image_metrics import DEFAULT_CLIP_MODEL, FID_RESOLUTION
+    from yoso.evaluation.metrics import DEFAULT_CLIP_MODEL, FID_RESOLUTION
 
     p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter, description="FID and CLIP score of YOSO LoRAs for each sampling mode and step count.")
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="SD1.5-family diffusers folder or hub id (default: %(default)s)")
@@ -74,12 +74,12 @@ def check_args(args, parser):
 
 
 def plan_evaluation(args, device_spec):
-    """Every check that needs no model, and the :class:`yoso.evaluation.Plan`; raises one-line errors."""
-    from yoso import evaluation as ev
-    from yoso import inference as yi
-    from yoso.image_metrics import list_images, sha256_file
-    from yoso.latent_stats import LATENT_STATS_NAME, load_latent_stats
-    from yoso.output_dir import check_creatable
+    """Every check that needs no model, and the :class:`yoso.evaluation.runs.Plan`; raises one-line errors."""
+    from yoso.evaluation import runs as ev
+    from yoso.evaluation import inference as yi
+    from yoso.evaluation.metrics import list_images, sha256_file
+    from yoso.data.latent_stats import LATENT_STATS_NAME, load_latent_stats
+    from yoso.outputs.output_dir import check_creatable
 
     mode_steps = ev.parse_modes(args.modes, args.steps)
     prompts = ev.read_prompts(args.prompts, args.num_prompts, args.prompt_seed)
@@ -134,9 +134,9 @@ def plan_evaluation(args, device_spec):
 
 def load_models(plan, pending, device, dtype):
     """The pipeline with every LoRA this process needs as its own adapter (``lora{i}``); the latent statistics."""
-    from yoso import evaluation as ev
-    from yoso import inference as yi
-    from yoso.latent_stats import load_latent_stats
+    from yoso.evaluation import runs as ev
+    from yoso.evaluation import inference as yi
+    from yoso.data.latent_stats import load_latent_stats
 
     pipe = yi.load_pipeline(plan.base_model, device, dtype)
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole evaluation instead of one per call
@@ -161,9 +161,9 @@ def evaluate(args, state, stage=None):
     import torch
     from tqdm.auto import tqdm
 
-    from yoso import evaluation as ev
-    from yoso.image_metrics import CLIPScorer, FIDScorer, resolve_clip_model, resolve_fid_feature_net
-    from yoso.output_dir import make_output_dir
+    from yoso.evaluation import runs as ev
+    from yoso.evaluation.metrics import CLIPScorer, FIDScorer, resolve_clip_model, resolve_fid_feature_net
+    from yoso.outputs.output_dir import make_output_dir
 
     device_spec = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     plan, reference, device, dtype = plan_evaluation(args, device_spec)
@@ -217,11 +217,11 @@ def main(argv=None):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from yoso.evaluation import EvaluationError
-    from yoso.image_metrics import MetricsError
-    from yoso.inference import InferenceError
-    from yoso.latent_stats import LatentStatsError
-    from yoso.output_dir import OutputDirError
+    from yoso.evaluation.runs import EvaluationError
+    from yoso.evaluation.metrics import MetricsError
+    from yoso.evaluation.inference import InferenceError
+    from yoso.data.latent_stats import LatentStatsError
+    from yoso.outputs.output_dir import OutputDirError
 
     # As accelerate's own AcceleratorState does: `accelerate launch --cpu` / ACCELERATE_USE_CPU means gloo on CPUs.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu")

@@ -9,7 +9,7 @@ Writes one PNG per image (its settings in the PNG's "parameters" text chunk) and
 prompt) into --output_dir and prints their paths. Each prompt gets its own generator seeded with --seed,
 so a prompt's images do not depend on the other prompts. --output_dir is created only once the pipeline and the
 LoRA have loaded, so an error leaves no empty folder behind. Bad input stops with a one-line ``inference_examples.py: error: ...``
-and exit status 2. The logic lives in yoso/inference.py.
+and exit status 2. The logic lives in yoso/evaluation/inference.py.
 """
 
 import json
@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
+from yoso.training.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
 
 PROG = "inference_examples.py"
 DEFAULT_BASE_MODEL = "stablediffusionapi/realistic-vision-v51"
@@ -67,7 +67,7 @@ def read_prompts(args, parser):
 
 
 def check_args(args, parser):
-    from yoso.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, ONE_STEP_MODES
+    from yoso.evaluation.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, ONE_STEP_MODES
 
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.mode]
@@ -94,9 +94,9 @@ def run(args, prompts):
     from diffusers.utils import make_image_grid
     from PIL.PngImagePlugin import PngInfo
 
-    from yoso import inference as yi
-    from yoso.latent_stats import LATENT_STATS_NAME, load_latent_stats, save_latent_stats
-    from yoso.output_dir import check_creatable, make_output_dir
+    from yoso.evaluation import inference as yi
+    from yoso.data.latent_stats import LATENT_STATS_NAME, load_latent_stats, save_latent_stats
+    from yoso.outputs.output_dir import check_creatable, make_output_dir
 
     # Everything that can be checked without a model first: these fail fast, in one line.
     source = yi.resolve_lora(args.lora)
@@ -155,10 +155,10 @@ def main(argv=None):
     check_args(args, parser)
     prompts = read_prompts(args, parser)
 
-    from yoso.inference import InferenceError
-    from yoso.latent_stats import LatentStatsError
-    from yoso.library_noise import quiet_library_notices
-    from yoso.output_dir import OutputDirError
+    from yoso.evaluation.inference import InferenceError
+    from yoso.data.latent_stats import LatentStatsError
+    from yoso.utils.library_noise import quiet_library_notices
+    from yoso.outputs.output_dir import OutputDirError
 
     quiet_library_notices()
     try:

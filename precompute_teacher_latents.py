@@ -11,9 +11,9 @@ Use the same --train_data / --caption_column / --max_train_samples, --pretrained
 prompt i in epoch e comes from the noise seeded by (seed, e, i), exactly as on-the-fly training draws it, and
 the teacher sees the same batches (train_yoso_lora.py refuses a cache whose teacher, latent route, resolution,
 teacher settings, seed or prompts differ; another batch size or precision only warns). The cache holds latents
-in the base model's latent space: a teacher in another one (SDXL-Turbo) is transcoded (yoso/latent_space.py).
+in the base model's latent space: a teacher in another one (SDXL-Turbo) is transcoded (yoso/data/latent_space.py).
 Several processes split the shards between them; rerunning skips finished shards (resumes an interrupted run,
-or extends a cache to more epochs). The layout is in yoso/latent_cache.py.
+or extends a cache to more epochs). The layout is in yoso/data/latent_cache.py.
 
 With images (--train_data_dir or --dataset_name, map-style: an imagefolder with a metadata.jsonl, a hub or local
 dataset without --streaming) it writes the base VAE's latents of the images instead, with their captions:
@@ -34,7 +34,7 @@ import sys
 
 
 def parse_args(argv=None):
-    from yoso.cli import HelpFormatter, OneLineErrorParser, add_data_arguments, add_model_arguments, add_teacher_arguments
+    from yoso.training.cli import HelpFormatter, OneLineErrorParser, add_data_arguments, add_model_arguments, add_teacher_arguments
 
     p = OneLineErrorParser(prog="precompute_teacher_latents.py", formatter_class=HelpFormatter,
                            description="Precompute teacher latents (or the base VAE's latents of images) for "
@@ -59,7 +59,7 @@ def parse_args(argv=None):
 
 def refuse(error):
     """A bad input: one line on stderr, exit status 2 (argparse's convention)."""
-    from yoso.cli import BAD_INPUT
+    from yoso.training.cli import BAD_INPUT
 
     print(f"precompute_teacher_latents.py: error: {error}", file=sys.stderr)
     sys.exit(BAD_INPUT)
@@ -67,8 +67,8 @@ def refuse(error):
 
 def check_existing_cache(args, settings):
     """An --output_dir holding a cache made with other settings is refused; one with more epochs keeps them."""
-    from yoso.model_configs import ArgumentError
-    from yoso.latent_cache import LatentCacheError, read_cache_info, settings_differ
+    from yoso.utils.model_configs import ArgumentError
+    from yoso.data.latent_cache import LatentCacheError, read_cache_info, settings_differ
 
     try:
         existing = read_cache_info(args.output_dir, flag="--output_dir")
@@ -82,7 +82,7 @@ def check_existing_cache(args, settings):
 
 
 def check_sizes(args):
-    from yoso.model_configs import ArgumentError
+    from yoso.utils.model_configs import ArgumentError
 
     if args.num_epochs < 1 or args.shard_size < 1 or args.train_batch_size < 1:
         raise ArgumentError("--num_epochs, --shard_size and --train_batch_size must be at least 1")
@@ -91,15 +91,15 @@ def check_sizes(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from yoso.image_data import uses_image_data
+    from yoso.data.image_data import uses_image_data
 
     if uses_image_data(args):
         return main_images(args)
-    from yoso.model_configs import ArgumentError
-    from yoso.data import PromptFileError, read_prompts
-    from yoso.image_data import resolve_caption_column
-    from yoso.latent_cache import LatentCacheError, make_cache_settings
-    from yoso.latent_space import teacher_latent_plan
+    from yoso.utils.model_configs import ArgumentError
+    from yoso.data.prompts import PromptFileError, read_prompts
+    from yoso.data.image_data import resolve_caption_column
+    from yoso.data.latent_cache import LatentCacheError, make_cache_settings
+    from yoso.data.latent_space import teacher_latent_plan
 
     try:
         check_sizes(args)
@@ -116,8 +116,8 @@ def main(argv=None):
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from yoso.latent_cache import num_shards, precompute_latents, text_dtype, write_cache_info
-    from yoso.teacher import load_teacher_latents
+    from yoso.data.latent_cache import num_shards, precompute_latents, text_dtype, write_cache_info
+    from yoso.data.teacher import load_teacher_latents
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -143,7 +143,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         from safetensors import safe_open
 
-        from yoso.latent_cache import shard_file_name
+        from yoso.data.latent_cache import shard_file_name
 
         with safe_open(f"{args.output_dir}/{shard_file_name(0, 0)}", framework="pt") as f:
             latent_dtype = f.get_slice("latents")[0:1].dtype
@@ -157,10 +157,10 @@ def main(argv=None):
 
 
 def main_images(args):
-    """The base VAE's latents of map-style image data (yoso/latent_cache.py, "Image caches")."""
-    from yoso.model_configs import ArgumentError
-    from yoso.image_data import ImageDataError, check_image_data
-    from yoso.latent_cache import LatentCacheError, image_latent_shape, make_image_cache_settings, \
+    """The base VAE's latents of map-style image data (yoso/data/latent_cache.py, "Image caches")."""
+    from yoso.utils.model_configs import ArgumentError
+    from yoso.data.image_data import ImageDataError, check_image_data
+    from yoso.data.latent_cache import LatentCacheError, image_latent_shape, make_image_cache_settings, \
         refuse_streamed_image_data
 
     try:
@@ -179,8 +179,8 @@ def main_images(args):
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
-    from yoso.image_data import open_image_source
-    from yoso.latent_cache import num_shards, precompute_image_latents, write_cache_info
+    from yoso.data.image_data import open_image_source
+    from yoso.data.latent_cache import num_shards, precompute_image_latents, write_cache_info
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -222,7 +222,7 @@ def main_images(args):
     if accelerator.is_main_process:
         from safetensors import safe_open
 
-        from yoso.latent_cache import shard_file_name
+        from yoso.data.latent_cache import shard_file_name
 
         info = write_cache_info(args.output_dir, settings, args.num_epochs, args.shard_size, args.train_batch_size,
                                 torch.float32, torch.float32, accelerator.mixed_precision)

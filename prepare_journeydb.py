@@ -9,7 +9,7 @@
 Inputs: ``.jsonl``, ``.jsonl.gz``, ``.tgz``/``.tar.gz``/``.tar`` (streamed, never unpacked), ``.json``
 (a list of records or strings) and ``.txt`` (a prompt a line). Writes ``{"prompt": ...}`` lines (or bare
 lines for a ``.txt`` output), an optional held-out prompt file, an optional imagefolder ``metadata.jsonl``
-and a JSON summary. The logic lives in the ``yoso/journeydb/`` package.
+and a JSON summary. The logic lives in the ``yoso/data/journeydb/`` package.
 """
 
 import json
@@ -17,9 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-from yoso.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
+from yoso.training.cli import BAD_INPUT, HelpFormatter, OneLineErrorParser
 
-from yoso.journeydb import (
+from yoso.data.journeydb import (
     DEFAULT_CAPTION_COLUMN,
     DEFAULT_IMAGE_COLUMN,
     METADATA_FILE_NAME,

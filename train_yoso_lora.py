@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from yoso.checks import ArgumentError, preflight
-from yoso.checkpoint import latest_checkpoint
-from yoso.cli import (BAD_INPUT, HelpFormatter, OneLineErrorParser, add_data_arguments, add_model_arguments,
+from yoso.training.checks import ArgumentError, preflight
+from yoso.training.checkpoint import latest_checkpoint
+from yoso.training.cli import (BAD_INPUT, HelpFormatter, OneLineErrorParser, add_data_arguments, add_model_arguments,
                       add_teacher_arguments)
-from yoso.data import PromptFileError
-from yoso.image_data import ImageDataError
-from yoso.latent_cache import LatentCacheError, check_cache_for_run
-from yoso.library_noise import quiet_library_notices
-from yoso.lora import DEFAULT_TARGET_MODULES, LORA_INITS
-from yoso.losses import GAN_REDUCTIONS, KL_WEIGHTINGS, LOSS_SPACES
-from yoso.precision import fp16_error
-from yoso.step import NonFiniteLossError, discriminator_chunks_arg
+from yoso.data.prompts import PromptFileError
+from yoso.data.image_data import ImageDataError
+from yoso.data.latent_cache import LatentCacheError, check_cache_for_run
+from yoso.utils.library_noise import quiet_library_notices
+from yoso.method.lora import DEFAULT_TARGET_MODULES, LORA_INITS
+from yoso.method.losses import GAN_REDUCTIONS, KL_WEIGHTINGS, LOSS_SPACES
+from yoso.utils.precision import fp16_error
+from yoso.method.step import NonFiniteLossError, discriminator_chunks_arg
 
 logger = logging.getLogger("train_yoso_lora")
 
@@ -270,15 +270,15 @@ def train(args, checked, accelerator, output_dir):
     """Build, resume, loop, save. Returns the run (its models still alive) for the caller to free."""
     from tqdm.auto import tqdm
 
-    from yoso.checkpoint import TrainState, latest_checkpoint, register_checkpointing, save_checkpoint
-    from yoso.hub import create_hub_repo, default_repo_name, push_to_hub
-    from yoso.latent_stats import LatentStats
-    from yoso.outputs import save_final_outputs
-    from yoso.run import RunSettings, build_run
-    from yoso.step import step_generator
-    from yoso.tracking import LossAverager
-    from yoso.training_data import open_training_data
-    from yoso.validation import generate_validation_images, save_and_log_validation
+    from yoso.training.checkpoint import TrainState, latest_checkpoint, register_checkpointing, save_checkpoint
+    from yoso.outputs.hub import create_hub_repo, default_repo_name, push_to_hub
+    from yoso.data.latent_stats import LatentStats
+    from yoso.outputs.final_save import save_final_outputs
+    from yoso.training.builder import RunSettings, build_run
+    from yoso.method.step import step_generator
+    from yoso.training.tracking import LossAverager
+    from yoso.data.training_data import open_training_data
+    from yoso.training.validation import generate_validation_images, save_and_log_validation
 
     # ---- build --------------------------------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -297,7 +297,7 @@ def train(args, checked, accelerator, output_dir):
                     accelerator, num_training_steps=max_train_steps)
     models, trainer = run.models, run.trainer
     if args.teacher_latent_cache:
-        from yoso.latent_cache import open_cache_for_run
+        from yoso.data.latent_cache import open_cache_for_run
 
         data.latent_cache = open_cache_for_run(args.teacher_latent_cache, accelerator, models.weight_dtype, logger,
                                                max_train_steps * args.gradient_accumulation_steps,

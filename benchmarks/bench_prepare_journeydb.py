@@ -1,6 +1,6 @@
 """Records per second of prepare_journeydb.py, end to end, on synthetic JourneyDB-shaped annotations.
 
-What is timed is one ``yoso.journeydb.prepare`` call in this process: read the file, parse every JSON
+What is timed is one ``yoso.data.journeydb.prepare`` call in this process: read the file, parse every JSON
 line, clean, filter, dedupe, count CLIP tokens of the kept prompts, write the output and the summary.
 The figure is records per CPU second of that one thread (the fastest of ``--repeat`` runs), i.e. the
 rate on one core; the wall-clock rate and the share of a core the run got are printed beside it.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yoso.journeydb import load_clip_token_counter, prepare, readers
+from yoso.data.journeydb import load_clip_token_counter, prepare, readers
 
 JOURNEYDB_RECORDS = 4_429_295
 RECORDS_PER_PROMPT = JOURNEYDB_RECORDS / 1_643_375  # JourneyDB: images per distinct prompt
@@ -137,7 +137,7 @@ class TokenizersLibraryCounter:
 
 def load_token_counter(kind):
     if kind == "tokenizers":
-        from yoso.clip_bpe import make_clip_tokenizer
+        from yoso.data.clip_bpe import make_clip_tokenizer
 
         return TokenizersLibraryCounter(make_clip_tokenizer())
     return load_clip_token_counter()

@@ -2,7 +2,7 @@
 """Benchmark of the YOSO training step: seconds per optimizer step, peak memory (overall and per phase), UNet
 passes, phase times, FLOPs and MFU.
 
-Runs the project's own step (``yoso.step.YOSOTrainingStep.step``, the code ``train_yoso_lora.py`` calls)
+Runs the project's own step (``yoso.method.step.YOSOTrainingStep.step``, the code ``train_yoso_lora.py`` calls)
 on models built from the JSON configs in ``benchmarks/configs`` with random weights (no download):
 
     tiny   the test models (CI smoke check)
@@ -32,7 +32,7 @@ MFU = model FLOPs per second / the card's dense 16-bit peak. With ``--torch_comp
 time is reported as compile time. On CUDA one more step runs with ``torch.cuda.set_sync_debug_mode("warn")``
 and counts the host synchronisations by source line.
 
-The run is built by the training script's own builder (``yoso.run.build_run``) from config-built parts
+The run is built by the training script's own builder (``yoso.training.builder.build_run``) from config-built parts
 in place of loaded ones; ``tests/test_benchmark.py`` checks that both give the same modules, dtypes and
 trainable set.
 """
@@ -59,8 +59,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from yoso.atomic import atomic_path  # noqa: E402
-from yoso.precision import weight_dtype_for  # noqa: E402
+from yoso.utils.atomic import atomic_path  # noqa: E402
+from yoso.utils.precision import weight_dtype_for  # noqa: E402
 
 PHASES = ("data", "teacher", "generator", "discriminator", "feature_net", "adversarial", "backward", "optimizer", "ema")
 
@@ -107,7 +107,7 @@ def build_pipeline_parts(spec, device):
 
 
 def build_teacher_pipeline(spec, device, weight_dtype):
-    """An SD-Turbo-shaped pipeline from ``spec``, placed as ``yoso.teacher.load_teacher`` places a loaded one."""
+    """An SD-Turbo-shaped pipeline from ``spec``, placed as ``yoso.data.teacher.load_teacher`` places a loaded one."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     from yoso.testing import TURBO_SCHEDULER_CONFIG
@@ -124,10 +124,10 @@ def build_teacher_pipeline(spec, device, weight_dtype):
 
 
 def build_parts(config, device, weight_dtype, with_teacher=True):
-    """``yoso.models.ModelParts`` of a config: the base model's pieces and the teacher, random weights."""
+    """``yoso.training.models.ModelParts`` of a config: the base model's pieces and the teacher, random weights."""
     from diffusers import DDPMScheduler
 
-    from yoso.models import ModelParts
+    from yoso.training.models import ModelParts
     from yoso.testing import SD15_SCHEDULER_CONFIG
 
     tokenizer, text_encoder, vae, unet = build_pipeline_parts(config["base"], device)
@@ -139,7 +139,7 @@ def build_parts(config, device, weight_dtype, with_teacher=True):
 def run_settings(config, resolution, lora_rank, teacher_num_inference_steps=1, **overrides):
     """The training script's settings for a benchmark run. Gradient checkpointing is always *enabled*
     before D copies the encoder (so D's blocks can checkpoint); ``set_gradient_checkpointing`` flips it."""
-    from yoso.run import RunSettings
+    from yoso.training.builder import RunSettings
 
     return RunSettings(pretrained_model_name_or_path=f"bench:{config['name']}", resolution=resolution,
                        lora_rank=lora_rank, gradient_checkpointing=True,
@@ -390,8 +390,8 @@ class Bench:
 
     # -- setup
     def build(self):
-        from yoso.lora import lora_named_parameters
-        from yoso.run import build_run
+        from yoso.method.lora import lora_named_parameters
+        from yoso.training.builder import build_run
 
         args = self.args
         torch.manual_seed(args.seed)
@@ -437,7 +437,7 @@ class Bench:
 
     def build_cache(self):
         """Write a teacher-latent cache with the project's precompute code, then free the teacher."""
-        from yoso.latent_cache import LatentCacheReader, make_cache_settings, precompute_latents, text_dtype, write_cache_info
+        from yoso.data.latent_cache import LatentCacheReader, make_cache_settings, precompute_latents, text_dtype, write_cache_info
 
         m = self.models
         prompts = self.prompts(self.num_prompts())
@@ -495,8 +495,8 @@ class Bench:
 
     # -- one configuration
     def run_config(self, batch_size, gradient_checkpointing, cache, step_order="generator_first", discriminator_chunks=1):
-        from yoso.data import ShardedPromptSampler, tokenize_prompts
-        from yoso.step import NonFiniteLossError, no_timer, step_generator
+        from yoso.data.prompts import ShardedPromptSampler, tokenize_prompts
+        from yoso.method.step import NonFiniteLossError, no_timer, step_generator
 
         args, m, accelerator = self.args, self.models, self.accelerator
         name = config_name(batch_size, gradient_checkpointing, cache, step_order, discriminator_chunks)
@@ -682,7 +682,7 @@ class Bench:
         self.report["results"] = []
         self.write()
         self.build()
-        from yoso.step import uses_fused_step
+        from yoso.method.step import uses_fused_step
 
         self.report["settings"]["fused_adamw"] = uses_fused_step(self.run.optimizer_g)
         self.report["settings"]["compiled_blocks"] = sum(

@@ -39,10 +39,10 @@ def emulate_gpu_fp16(accelerator, fp16_arithmetic=True, **scaler_kwargs):
 def build_trainer(base, teacher, mixed_precision="no", gradient_accumulation_steps=1, gradient_checkpointing=False,
                   use_ema=True, ema_decay=0.9, lr=1e-3, lora_rank=4, teacher_steps=1, seed=0, resolution=64,
                   grad_scaler=None, fp16_arithmetic=True, **settings):
-    """The run ``train_yoso_lora.py`` builds (``yoso.run.build_run``), in-process on the tiny models; returns
+    """The run ``train_yoso_lora.py`` builds (``yoso.training.builder.build_run``), in-process on the tiny models; returns
     ``(trainer, models)``. ``settings``: further ``RunSettings`` fields (loss weights, noise offset ...).
     ``grad_scaler``: GradScaler settings to emulate GPU fp16 on CPU (``mixed_precision="fp16"``)."""
-    from yoso.run import RunSettings, build_run
+    from yoso.training.builder import RunSettings, build_run
 
     accelerator = fresh_accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     if grad_scaler is not None:

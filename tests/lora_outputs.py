@@ -12,7 +12,7 @@ def lora_unet(base, seed, rank=RANK, alpha=ALPHA):
     """The tiny base's UNet with a LoRA on every default target, A and B drawn from N(0, 0.1^2)."""
     from diffusers import UNet2DConditionModel
 
-    from yoso.lora import add_lora
+    from yoso.method.lora import add_lora
 
     unet = add_lora(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), rank=rank, alpha=alpha)
     generator = torch.Generator().manual_seed(seed)
@@ -27,8 +27,8 @@ def make_output_dir(base, out, use_ema=True, validation_steps=(3, 10), prompts=(
     """Writes the files of a finished run into ``out``; returns ``out``."""
     from PIL import Image
 
-    from yoso.latent_stats import LATENT_STATS_NAME, save_latent_stats
-    from yoso.lora import save_lora
+    from yoso.data.latent_stats import LATENT_STATS_NAME, save_latent_stats
+    from yoso.method.lora import save_lora
 
     out = Path(out)
     unet = lora_unet(base, seed=1)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_yoso_lora  # noqa: E402
-from yoso.step import YOSOTrainingStep  # noqa: E402
+from yoso.method.step import YOSOTrainingStep  # noqa: E402
 
 dump = Path(sys.argv.pop(1))
 seen_indices = []
@@ -32,7 +32,7 @@ def recording_step(self, batch, generator):
 def train_and_dump(*args, **kwargs):
     from safetensors.torch import save_file
 
-    from yoso.lora import lora_named_parameters
+    from yoso.method.lora import lora_named_parameters
 
     run = inner_train(*args, **kwargs)
     rank = run.accelerator.process_index

@@ -1,11 +1,11 @@
-"""yoso.atomic.atomic_path: an output is whole or absent, and keeps normal permissions."""
+"""yoso.utils.atomic.atomic_path: an output is whole or absent, and keeps normal permissions."""
 
 import os
 import stat
 
 import pytest
 
-from yoso.atomic import atomic_path
+from yoso.utils.atomic import atomic_path
 
 
 def test_success_renames_with_normal_permissions(tmp_path):

@@ -155,10 +155,10 @@ def folder_spec(path, pad_token):
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
 def test_benchmark_builds_what_loading_builds(tiny_base, tiny_teacher, gradient_checkpointing):
     """Config-built parts assemble to the same modules, shapes, dtypes, trainable set and checkpointing flags
-    as loaded ones (yoso.models.load_model_parts), through the same assembly."""
+    as loaded ones (yoso.training.models.load_model_parts), through the same assembly."""
     from dataclasses import replace
 
-    from yoso.models import assemble_models, load_model_parts
+    from yoso.training.models import assemble_models, load_model_parts
 
     bench = bench_module()
     config = {"name": "folders", "base": folder_spec(tiny_base, "<|endoftext|>"), "teacher": folder_spec(tiny_teacher, "!")}

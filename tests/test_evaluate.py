@@ -1,4 +1,4 @@
-"""evaluate_yoso.py, yoso/evaluation.py and yoso/image_metrics.py on the tiny SD1.5-shaped pipeline.
+"""evaluate_yoso.py, yoso/evaluation/runs.py and yoso/evaluation/metrics.py on the tiny SD1.5-shaped pipeline.
 
 The metric networks are tiny local stand-ins passed through the same flags as the real ones: a TorchScript
 FID feature network with the Inception module's call signature, and a tiny CLIP model trained here for a
@@ -20,10 +20,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import evaluate_yoso
 import inference_examples
-from yoso import evaluation as ev
-from yoso import image_metrics as im
-from yoso import inference as yi
-from yoso.latent_stats import LATENT_STATS_NAME, save_latent_stats
+from yoso.evaluation import runs as ev
+from yoso.evaluation import metrics as im
+from yoso.evaluation import inference as yi
+from yoso.data.latent_stats import LATENT_STATS_NAME, save_latent_stats
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # the tiny pipeline's resolution
@@ -157,7 +157,7 @@ def make_quick_lora(base, folder, seed):
     """A LoRA with nonzero weights on the tiny base UNet, and latent statistics beside it."""
     from diffusers import UNet2DConditionModel
 
-    from yoso.lora import add_lora, lora_named_parameters, save_lora
+    from yoso.method.lora import add_lora, lora_named_parameters, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     add_lora(unet, rank=4, alpha=4)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from yoso.discriminator import Discriminator
-from yoso.lora import AdaptersDisabled, add_lora, lora_named_parameters
+from yoso.method.discriminator import Discriminator
+from yoso.method.lora import AdaptersDisabled, add_lora, lora_named_parameters
 from yoso.testing import build_tiny_sd15
-from yoso.unet_encoder import FeatureNet, UNetEncoder
+from yoso.method.unet_encoder import FeatureNet, UNetEncoder
 
 
 def load_unet(path):
@@ -65,7 +65,7 @@ def test_adapters_disabled_context_restores_on_error(tiny_base):
 
 def consistency_grads(tiny_base, checkpointing, make_feature_net=FeatureNet):
     """d L_con / d pred and d L_con / d LoRA, with F on pred (graph) and on the target (no graph) as in the step."""
-    from yoso.losses import consistency_loss
+    from yoso.method.losses import consistency_loss
 
     torch.manual_seed(0)
     unet = load_unet(tiny_base)

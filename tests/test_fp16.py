@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import yoso.step
+import yoso.method.step
 from harness import PROMPTS, build_trainer, launch, make_batch, tiny_train_args, write_prompts
-from yoso.lora import lora_named_parameters
+from yoso.method.lora import lora_named_parameters
 
 # Scale grows at every clean update, so it changes between every pair of micro-steps.
 GROWING_SCALER = {"init_scale": 2.0**10, "growth_interval": 1}
@@ -60,7 +60,7 @@ def test_loss_scaling_is_exact_under_gradient_accumulation(tiny_base, tiny_teach
     assert max_difference(scaled, reference) <= 1e-6
 
     # Negative control: the shared scaler (accelerate's default) weighs G's micro-batches 1:2.
-    monkeypatch.setattr(yoso.step, "separate_discriminator_scaler", lambda accelerator, optimizer: None)
+    monkeypatch.setattr(yoso.method.step, "separate_discriminator_scaler", lambda accelerator, optimizer: None)
     shared_trainer, models = build_trainer(tiny_base, tiny_teacher, mixed_precision="fp16", gradient_accumulation_steps=2,
                                            grad_scaler=GROWING_SCALER, fp16_arithmetic=False)
     shared = run_micro_steps(shared_trainer, models, 4)

@@ -165,7 +165,7 @@ def test_step_matches_the_straight_line_reference(tiny_base, kl_weighting, gan_r
 
 def test_batch_weighting_is_the_released_reduction():
     """The released script's per-sample mean runs `.mean(dim=[])` on a [B] tensor; PyTorch reduces all dims."""
-    from yoso.losses import data_loss
+    from yoso.method.losses import data_loss
 
     generator = torch.Generator().manual_seed(0)
     pred, x0 = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)

@@ -1,4 +1,4 @@
-"""Real image-caption data (yoso/image_data.py, yoso/tar_shards.py): pixels, order, sharding, resume,
+"""Real image-caption data (yoso/data/image_data.py, yoso/data/tar_shards.py): pixels, order, sharding, resume,
 bad samples, preflight errors, the streamed tar route, and the VAE latents."""
 
 import io
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from yoso.image_data import (
+from yoso.data.image_data import (
     ImageDataError,
     StreamedImageSource,
     check_image_data,
@@ -22,7 +22,7 @@ from yoso.image_data import (
     prefetch,
     resolve_caption_column,
 )
-from yoso.image_processing import crop_and_flip, preprocess_image, sample_generator
+from yoso.data.image_processing import crop_and_flip, preprocess_image, sample_generator
 
 RES = 16
 NUM_SAMPLES = 13
@@ -317,7 +317,7 @@ def test_tar_reader_is_lazy(data, tmp_path):
 @pytest.mark.parametrize("route", ["bad_folder", "bad_tars"])
 def test_unreadable_images_are_skipped_counted_and_named(data, tmp_path, route, caplog):
     folder = str(getattr(data, route))
-    caplog.set_level(logging.WARNING, logger="yoso.image_data")
+    caplog.set_level(logging.WARNING, logger="yoso.data.image_data")
     one = open_image_source(make_args(tmp_path, train_data_dir=folder, train_batch_size=4), 0, 1)
     ranks = [open_image_source(make_args(tmp_path, train_data_dir=folder, train_batch_size=2), r, 2) for r in range(2)]
     whole = take(one, 9)  # three epochs: each meets both bad files

@@ -1,4 +1,4 @@
-"""inference_examples.py and yoso/inference.py on the tiny SD1.5-shaped pipeline: every mode, the LoRA's
+"""inference_examples.py and yoso/evaluation/inference.py on the tiny SD1.5-shaped pipeline: every mode, the LoRA's
 effect, --fuse_lora, the informative prior (IPI) and its statistics file, one-line errors, and the usage
 snippets of docs/inference.md and the README, executed with the hub ids swapped for tiny local folders."""
 
@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import inference_examples
-from yoso import inference as yi
-from yoso import latent_stats as ls
-from yoso.latent_stats import LATENT_STATS_NAME
-from yoso.lora import LORA_WEIGHT_NAME
+from yoso.evaluation import inference as yi
+from yoso.data import latent_stats as ls
+from yoso.data.latent_stats import LATENT_STATS_NAME
+from yoso.method.lora import LORA_WEIGHT_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # the tiny pipelines' resolution

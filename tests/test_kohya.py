@@ -1,4 +1,4 @@
-"""Kohya-format export (issue 16.1): yoso/kohya.py and convert_lora_to_kohya.py on a run-shaped folder whose
+"""Kohya-format export (issue 16.1): yoso/outputs/kohya.py and convert_lora_to_kohya.py on a run-shaped folder whose
 LoRAs have random nonzero weights on every default target and alpha != rank."""
 
 import shutil
@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import convert_lora_to_kohya
 from lora_outputs import ALPHA, RANK, make_output_dir, unet_output
-from yoso.kohya import KOHYA_WEIGHT_NAME, KohyaExportError, kohya_state_dict, module_alpha, save_kohya_lora
-from yoso.lora import DEFAULT_TARGET_MODULES, LORA_WEIGHT_NAME, module_matches_target
+from yoso.outputs.kohya import KOHYA_WEIGHT_NAME, KohyaExportError, kohya_state_dict, module_alpha, save_kohya_lora
+from yoso.method.lora import DEFAULT_TARGET_MODULES, LORA_WEIGHT_NAME, module_matches_target
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,14 +27,14 @@ def max_diff(a, b):
 
 
 def tiny_latent_source(teacher_path):
-    from yoso.teacher import TeacherLatents, load_teacher
+    from yoso.data.teacher import TeacherLatents, load_teacher
 
     return TeacherLatents(load_teacher(teacher_path, torch.float32, "cpu"), 1, 0.0)
 
 
 def make_cache(folder, teacher_path, prompts, seed=0, num_epochs=1, shard_size=6, batch_size=3, rank=0, world_size=1,
                latent_source=None, resolution=64):
-    from yoso.latent_cache import make_cache_settings, precompute_latents
+    from yoso.data.latent_cache import make_cache_settings, precompute_latents
 
     settings = make_cache_settings(teacher_path, resolution, (4, resolution // 8, resolution // 8), 1, 0.0, seed, prompts)
     latent_source = latent_source or tiny_latent_source(teacher_path)
@@ -47,7 +47,7 @@ def make_cache(folder, teacher_path, prompts, seed=0, num_epochs=1, shard_size=6
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory, tiny_teacher):
     """13 prompts x 2 epochs in shards of 6 (the last one partial), teacher batches of 3."""
-    from yoso.latent_cache import write_cache_info
+    from yoso.data.latent_cache import write_cache_info
 
     folder = tmp_path_factory.mktemp("small_cache")
     prompts = [f"{PROMPTS[i % 4]}, take {i}" for i in range(13)]
@@ -57,9 +57,9 @@ def small_cache(tmp_path_factory, tiny_teacher):
 
 
 def test_cached_latents_are_the_teachers_for_each_epoch_and_index(small_cache, tiny_teacher):
-    from yoso.data import ShardedPromptSampler
-    from yoso.latent_cache import LatentCacheReader
-    from yoso.teacher import teacher_noise, teacher_noise_seeds
+    from yoso.data.prompts import ShardedPromptSampler
+    from yoso.data.latent_cache import LatentCacheReader
+    from yoso.data.teacher import teacher_noise, teacher_noise_seeds
 
     folder, prompts = small_cache
     info = json.loads((folder / "cache_info.json").read_text())
@@ -118,7 +118,7 @@ def test_ranks_split_the_shards_and_write_the_same_files(small_cache, tiny_teach
 
 
 def test_refusals_name_what_differs(small_cache, tiny_teacher, tiny_base):
-    from yoso.latent_cache import LatentCacheError, check_cache, make_cache_settings
+    from yoso.data.latent_cache import LatentCacheError, check_cache, make_cache_settings
 
     folder, prompts = small_cache
 
@@ -151,11 +151,11 @@ def test_refusals_name_what_differs(small_cache, tiny_teacher, tiny_base):
 
 def test_step_from_cache_equals_step_with_teacher(tiny_base, tiny_teacher, tmp_path):
     """One YOSOTrainingStep.step from cached latents: same losses, same LoRA and D after the step."""
-    from yoso.step import step_generator
-    from yoso.latent_cache import LatentCacheReader, write_cache_info
-    from yoso.lora import lora_named_parameters
+    from yoso.method.step import step_generator
+    from yoso.data.latent_cache import LatentCacheReader, write_cache_info
+    from yoso.method.lora import lora_named_parameters
 
-    from yoso.data import ShardedPromptSampler
+    from yoso.data.prompts import ShardedPromptSampler
 
     prompts = [f"{PROMPTS[i % 4]}, take {i}" for i in range(8)]
     settings = make_cache(tmp_path, tiny_teacher, prompts, seed=0, shard_size=6, batch_size=3)
@@ -221,8 +221,8 @@ def on_the_fly_run(tiny_base, tiny_teacher, prompts_file, tmp_path_factory):
 
 
 def test_cache_cli_writes_info_and_shards(cache_dir, tiny_teacher, prompts_file):
-    from yoso.data import read_prompts
-    from yoso.latent_cache import LatentCacheReader, prompts_digest
+    from yoso.data.prompts import read_prompts
+    from yoso.data.latent_cache import LatentCacheReader, prompts_digest
 
     info = json.loads((cache_dir / "cache_info.json").read_text())
     prompts = read_prompts(prompts_file)
@@ -346,9 +346,9 @@ def sdxl_cache(tiny_base, tmp_path_factory):
 
 
 def test_sdxl_teacher_cache_holds_transcoded_latents_equal_to_on_the_fly(sdxl_cache, tiny_base):
-    from yoso.data import ShardedPromptSampler, read_prompts
-    from yoso.latent_cache import LatentCacheReader
-    from yoso.teacher import load_teacher_latents, teacher_noise, teacher_noise_seeds
+    from yoso.data.prompts import ShardedPromptSampler, read_prompts
+    from yoso.data.latent_cache import LatentCacheReader
+    from yoso.data.teacher import load_teacher_latents, teacher_noise, teacher_noise_seeds
 
     cache, teacher, prompts_path = sdxl_cache
     prompts = read_prompts(prompts_path)
@@ -375,8 +375,8 @@ def test_sdxl_teacher_cache_holds_transcoded_latents_equal_to_on_the_fly(sdxl_ca
 def test_a_run_on_another_latent_route_is_refused_in_one_line(sdxl_cache, small_cache, tiny_base, tiny_teacher):
     import argparse
 
-    from yoso.data import read_prompts
-    from yoso.latent_cache import LatentCacheError, check_cache, check_cache_for_run, make_cache_settings
+    from yoso.data.prompts import read_prompts
+    from yoso.data.latent_cache import LatentCacheError, check_cache, check_cache_for_run, make_cache_settings
 
     cache, teacher, prompts_path = sdxl_cache
     prompts = read_prompts(prompts_path)
@@ -479,7 +479,7 @@ def image_cache(tiny_base, tmp_path_factory):
 def image_source(base, folder, batch_size=4, world_size=1, rank=0, **extra):
     """The on-the-fly training's image source for these flags (what train_yoso_lora.py opens)."""
     from train_yoso_lora import parse_args
-    from yoso.image_data import open_image_source
+    from yoso.data.image_data import open_image_source
 
     args = parse_args(image_train_args(base, folder, "unused", steps=1, train_batch_size=batch_size, **extra))
     return open_image_source(args, rank=rank, world_size=world_size)
@@ -488,9 +488,9 @@ def image_source(base, folder, batch_size=4, world_size=1, rank=0, **extra):
 def test_image_cache_holds_the_on_the_fly_latents_of_every_slot(image_cache, tiny_base):
     from diffusers import AutoencoderKL
 
-    from yoso.image_processing import encode_images, latent_generators
-    from yoso.latent_cache import LatentCacheReader, epoch_order, folder_fingerprint
-    from yoso.tar_shards import UnreadableSample
+    from yoso.data.image_processing import encode_images, latent_generators
+    from yoso.data.latent_cache import LatentCacheReader, epoch_order, folder_fingerprint
+    from yoso.data.tar_shards import UnreadableSample
 
     cache, folder = image_cache
     info = json.loads((cache / "cache_info.json").read_text())
@@ -528,14 +528,14 @@ def take_batches(data, models, n, start_batch=0):
 
 
 def test_cached_image_batches_equal_the_on_the_fly_ones_for_any_ranks_and_resume(image_cache, tiny_base):
-    """yoso.training_data: CachedImageData (no VAE at all) yields the batches ImageData computes from the images."""
+    """yoso.data.training_data: CachedImageData (no VAE at all) yields the batches ImageData computes from the images."""
     from types import SimpleNamespace
 
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    from yoso.latent_cache import LatentCacheReader
-    from yoso.training_data import CachedImageData, ImageData
+    from yoso.data.latent_cache import LatentCacheReader
+    from yoso.data.training_data import CachedImageData, ImageData
 
     cache, folder = image_cache
     tokenizer = CLIPTokenizer.from_pretrained(tiny_base, subfolder="tokenizer")
@@ -570,7 +570,7 @@ def test_image_cache_refusals_name_what_differs_in_one_line(image_cache, small_c
                                                            capsys):
     import precompute_teacher_latents
     from train_yoso_lora import parse_args
-    from yoso.latent_cache import LatentCacheError, check_cache_for_run
+    from yoso.data.latent_cache import LatentCacheError, check_cache_for_run
 
     cache, folder = image_cache
 

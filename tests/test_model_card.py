@@ -1,4 +1,4 @@
-"""Model card and Hub upload (issue 16.2): yoso/model_card.py and yoso/hub.py. The Hub is unreachable here:
+"""Model card and Hub upload (issue 16.2): yoso/outputs/model_card.py and yoso/outputs/hub.py. The Hub is unreachable here:
 the upload is checked at huggingface_hub's API calls, with the client's methods replaced."""
 
 import re
@@ -13,11 +13,11 @@ from PIL import Image
 import inference_examples
 import train_yoso_lora
 from lora_outputs import make_output_dir
-from yoso import hub
-from yoso.hub import HubUploadError, hub_files, push_to_hub
-from yoso.kohya import KOHYA_WEIGHT_NAME, save_kohya_lora
-from yoso.lora import LORA_WEIGHT_NAME
-from yoso.model_card import model_card_text, write_model_card
+from yoso.outputs import hub
+from yoso.outputs.hub import HubUploadError, hub_files, push_to_hub
+from yoso.outputs.kohya import KOHYA_WEIGHT_NAME, save_kohya_lora
+from yoso.method.lora import LORA_WEIGHT_NAME
+from yoso.outputs.model_card import model_card_text, write_model_card
 
 PROMPTS = ["a red fox", "a blue car"]
 
@@ -248,7 +248,7 @@ def test_card_snippets_run_and_match_inference_examples(run_dir, tiny_base, tmp_
 
 def test_card_without_optional_outputs(tiny_base, tmp_path):
     """A run without EMA, kohya files, validation or latent statistics: the card names only what exists."""
-    from yoso.lora import save_lora
+    from yoso.method.lora import save_lora
     from lora_outputs import lora_unet
 
     save_lora(lora_unet(tiny_base, seed=0), tmp_path)

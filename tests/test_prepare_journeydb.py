@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import prepare_journeydb
-from yoso import journeydb
-from yoso.journeydb import (
+from yoso.data import journeydb
+from yoso.data.journeydb import (
     MAX_LISTED_PROBLEMS,
     ClipTokenCounter,
     InputError,
@@ -836,7 +836,7 @@ def test_txt_output_and_unicode_round_trip(tmp_path):
 
 
 def test_outputs_load_with_the_training_scripts_reader(tmp_path):
-    from yoso.data import read_prompts as training_read_prompts
+    from yoso.data.prompts import read_prompts as training_read_prompts
 
     prompts = MANY + ["东京的街道, 霓虹灯 --ar 16:9", 'a "quoted" word \\ backslash', "café 🌸\nnew line"]
     source = write_jsonl(tmp_path / "a.jsonl", [record(p) for p in prompts])
@@ -953,7 +953,7 @@ def test_image_root_with_no_image_found_writes_nothing(tmp_path, capsys):
 
 
 def test_image_file_name_resolution():
-    from yoso.journeydb import image_file_name
+    from yoso.data.journeydb import image_file_name
 
     assert image_file_name("./000/abc.jpg") == "000/abc.jpg"
     assert image_file_name("000/abc.jpg") == "000/abc.jpg"
@@ -1112,7 +1112,8 @@ def test_production_code_does_not_import_the_test_machinery():
 
 
 def test_one_clip_byte_table_serves_the_tiny_models_and_the_token_counter(clip_tokenizer):
-    from yoso import clip_bpe, testing
+    from yoso.data import clip_bpe
+    from yoso import testing
 
     table = clip_bpe.bytes_to_unicode()
     assert sorted(table) == list(range(256)) and len(set(table.values())) == 256

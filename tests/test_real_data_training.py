@@ -68,9 +68,9 @@ def test_training_on_images_writes_a_lora_and_the_images_latent_statistics(image
     # x0 is the base VAE's latent of the data source's images: the statistics equal those of the source's
     # first 4 batches encoded here, in this process, with the same per-sample noise.
     from train_yoso_lora import parse_args
-    from yoso.image_data import open_image_source
-    from yoso.image_processing import encode_images, latent_generators
-    from yoso.latent_stats import LatentStats
+    from yoso.data.image_data import open_image_source
+    from yoso.data.image_processing import encode_images, latent_generators
+    from yoso.data.latent_stats import LatentStats
 
     args = parse_args([str(a) for a in image_args(tiny_base, image_folder, out, steps=4)])
     batches = open_image_source(args).batches()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from yoso.schedule import YOSOSchedule
+from yoso.method.schedule import YOSOSchedule
 from yoso.testing import SD15_SCHEDULER_CONFIG
 
 
@@ -108,7 +108,7 @@ def test_clean_estimate_at_t0_is_the_input(sd15):
 
 
 def test_losses_reductions():
-    from yoso.losses import consistency_loss, data_loss, discriminator_loss, generator_adversarial_loss
+    from yoso.method.losses import consistency_loss, data_loss, discriminator_loss, generator_adversarial_loss
 
     logits = torch.tensor([2.0, -4.0])
     sp = torch.nn.functional.softplus

@@ -46,7 +46,7 @@ def linear_vaes(tmp_path_factory, tiny_base):
 
 
 def noise_for(source):
-    from yoso.teacher import teacher_noise
+    from yoso.data.teacher import teacher_noise
 
     return teacher_noise(SEEDS, source.noise_shape(64), "cpu", torch.float32)
 
@@ -61,8 +61,8 @@ def test_tiny_sdxl_turbo_loads_as_sdxl_and_is_conditioned_on_the_training_size(s
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from yoso.latent_space import scale_latents
-    from yoso.teacher import load_teacher_latents
+    from yoso.data.latent_space import scale_latents
+    from yoso.data.teacher import load_teacher_latents
 
     source = load_teacher_latents(sdxl_teacher, tiny_base, torch.float32, "cpu", transcode=True)
     pipe = source.pipeline
@@ -95,9 +95,9 @@ def test_transcoded_latents_decode_to_the_teachers_images(sdxl_teacher, linear_v
     """--teacher_vae is the teacher's linear VAE, the base's VAE another linear one with another scaling."""
     from diffusers import AutoencoderKL
 
-    from yoso import latent_space
-    from yoso.latent_space import LatentTranscoder
-    from yoso.teacher import load_teacher_latents
+    from yoso.data import latent_space
+    from yoso.data.latent_space import LatentTranscoder
+    from yoso.data.teacher import load_teacher_latents
 
     teacher_vae, base = linear_vaes
     source = load_teacher_latents(sdxl_teacher, base, torch.float32, "cpu", transcode=True, teacher_vae=teacher_vae)
@@ -144,7 +144,7 @@ def test_scaling_conventions_match_diffusers_pipelines():
     """SDXL-style latents_mean/std, SD3/Flux-style shift_factor, plain scaling; each inverse of the other."""
     from diffusers.configuration_utils import FrozenDict
 
-    from yoso.latent_space import scale_latents, unscale_latents
+    from yoso.data.latent_space import scale_latents, unscale_latents
 
     x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     mean, std = [0.1, -0.2, 0.3, 0.0], [2.0, 0.5, 1.0, 4.0]
@@ -161,7 +161,7 @@ def test_scaling_conventions_match_diffusers_pipelines():
 
 
 def test_fp16_upcasts_vaes_that_ask_for_it_and_ignores_autocast():
-    from yoso.latent_space import LatentTranscoder, vae_compute_dtype
+    from yoso.data.latent_space import LatentTranscoder, vae_compute_dtype
     from yoso.testing import make_blockwise_linear_vae
 
     def vaes(force_upcast):
@@ -190,15 +190,15 @@ def test_fp16_upcasts_vaes_that_ask_for_it_and_ignores_autocast():
 def configs(path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from yoso.model_configs import load_model_config
+    from yoso.utils.model_configs import load_model_config
 
     return load_model_config("--x", path, "vae", AutoencoderKL), load_model_config("--x", path, "unet",
                                                                                     UNet2DConditionModel)
 
 
 def test_plan_decides_from_configs_and_refuses_in_one_line(tiny_base, tiny_teacher, sdxl_teacher):
-    from yoso.model_configs import ArgumentError
-    from yoso.latent_space import check_teacher_latents, latent_space_differences
+    from yoso.utils.model_configs import ArgumentError
+    from yoso.data.latent_space import check_teacher_latents, latent_space_differences
 
     base_vae, base_unet = configs(tiny_base)
     turbo_vae, turbo_unet = configs(tiny_teacher)
@@ -248,8 +248,8 @@ def test_plan_decides_from_configs_and_refuses_in_one_line(tiny_base, tiny_teach
 
 
 def test_plan_from_flags_reads_teacher_vae_folders(tiny_base, tiny_teacher, sdxl_teacher, linear_vaes):
-    from yoso.model_configs import ArgumentError
-    from yoso.latent_space import teacher_latent_plan
+    from yoso.utils.model_configs import ArgumentError
+    from yoso.data.latent_space import teacher_latent_plan
 
     def args(teacher, **extra):
         return argparse.Namespace(pretrained_model_name_or_path=tiny_base, pretrained_teacher_model=teacher,
@@ -271,9 +271,9 @@ def test_train_script_transcodes_an_sdxl_teachers_latents(sdxl_teacher, tiny_bas
     from safetensors.torch import load_file
 
     from harness import launch, tiny_train_args, write_prompts
-    from yoso.data import ShardedPromptSampler
-    from yoso.latent_stats import LatentStats
-    from yoso.teacher import load_teacher_latents, teacher_noise, teacher_noise_seeds
+    from yoso.data.prompts import ShardedPromptSampler
+    from yoso.data.latent_stats import LatentStats
+    from yoso.data.teacher import load_teacher_latents, teacher_noise, teacher_noise_seeds
 
     prompts_file = write_prompts(tmp_path / "prompts.jsonl", n=8)
     outputs = {}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from harness import PROMPTS, build_trainer, make_batch
-from yoso.lora import lora_named_parameters
-from yoso.step import NonFiniteLossError
+from yoso.method.lora import lora_named_parameters
+from yoso.method.step import NonFiniteLossError
 
 
 class CallLog:
@@ -129,7 +129,7 @@ def test_only_discriminator_optimizer_changes_discriminator(tiny_base, tiny_teac
 
 
 def test_bf16_mixed_precision_dtypes_and_validation_has_no_side_effects(tiny_base, tiny_teacher):
-    from yoso.validation import generate_validation_images
+    from yoso.training.validation import generate_validation_images
 
     trainer, models = build_trainer(tiny_base, tiny_teacher, mixed_precision="bf16")
     frozen = {"unet base": [p for n, p in models.unet.named_parameters() if "lora_" not in n],
@@ -342,7 +342,7 @@ def test_torch_compile_trains_the_same(tiny_base, tiny_teacher, monkeypatch):
     they took 260 s of CPU here. The GPU call compiles every block with inductor, with and without checkpointing."""
     import torch._dynamo.utils
 
-    import yoso.run
+    import yoso.training.builder
 
     trainer, models = build_trainer(tiny_base, tiny_teacher, torch_compile=True)  # built, not stepped
     compiled = [m for m in list(models.unet.modules()) + list(models.discriminator.modules())
@@ -353,7 +353,7 @@ def test_torch_compile_trains_the_same(tiny_base, tiny_teacher, monkeypatch):
     assert not any("_orig_mod" in name for name in models.unet.state_dict())  # checkpoints and LoRAs unchanged
 
     losses, grads, _ = run_steps(*build_trainer(tiny_base, tiny_teacher))
-    monkeypatch.setattr(yoso.run, "COMPILED_BLOCKS", ("BasicTransformerBlock",))
+    monkeypatch.setattr(yoso.training.builder, "COMPILED_BLOCKS", ("BasicTransformerBlock",))
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     trainer, models = build_trainer(tiny_base, tiny_teacher, torch_compile=True, torch_compile_backend="eager")
     compiled_losses, compiled_grads, _ = run_steps(trainer, models)
@@ -366,8 +366,8 @@ def test_torch_compile_trains_the_same(tiny_base, tiny_teacher, monkeypatch):
 def test_speed_flags_reach_the_run_and_bad_values_are_refused(capsys, monkeypatch):
     """train_yoso_lora.py's flags of issue 15 land in RunSettings by name; bad values stop with one line, exit 2."""
     import train_yoso_lora
-    from yoso.checks import ArgumentError, check_optional_packages
-    from yoso.run import RunSettings, fused_adamw
+    from yoso.training.checks import ArgumentError, check_optional_packages
+    from yoso.training.builder import RunSettings, fused_adamw
 
     args = train_yoso_lora.parse_args(["--step_order", "discriminator_first", "--discriminator_chunks", "4",
                                        "--torch_compile", "--channels_last", "--adam_fused", "off"])
@@ -384,10 +384,10 @@ def test_speed_flags_reach_the_run_and_bad_values_are_refused(capsys, monkeypatc
             train_yoso_lora.parse_args(bad)
         assert exit_info.value.code == 2
         assert bad[0] in capsys.readouterr().err
-    import yoso.checks
+    import yoso.training.checks
 
-    real_find_spec = yoso.checks.importlib.util.find_spec
-    monkeypatch.setattr(yoso.checks.importlib.util, "find_spec",  # as if bitsandbytes were installed
+    real_find_spec = yoso.training.checks.importlib.util.find_spec
+    monkeypatch.setattr(yoso.training.checks.importlib.util, "find_spec",  # as if bitsandbytes were installed
                         lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
     check_optional_packages(train_yoso_lora.parse_args(["--use_8bit_adam"]))  # fine alone
     with pytest.raises(ArgumentError, match="--adam_fused on: .*--use_8bit_adam"):

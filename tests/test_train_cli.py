@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO, launch, tiny_train_args, write_prompts
-from yoso.lora import DEFAULT_TARGET_MODULES
+from yoso.method.lora import DEFAULT_TARGET_MODULES
 
 
 def run_main(argv, capsys):
@@ -83,7 +83,7 @@ def test_comma_separated_targets_reach_the_preflight(tiny_base, tiny_teacher, pr
 
 
 def test_json_list_of_records_or_of_strings(tmp_path):
-    from yoso.data import read_prompts
+    from yoso.data.prompts import read_prompts
 
     records = tmp_path / "anno.json"
     records.write_text(json.dumps([{"prompt": "a red fox", "id": 1}, {"prompt": " a koi pond "}, {"prompt": ""}]))
@@ -118,7 +118,7 @@ def test_json_is_never_trained_on_as_text(case, tiny_base, tiny_teacher, tmp_pat
 
 
 def test_text_prompts_that_merely_start_with_a_bracket_are_kept(tmp_path):
-    from yoso.data import read_prompts
+    from yoso.data.prompts import read_prompts
 
     path = tmp_path / "prompts.txt"
     path.write_text("[cat] on a mat\n{surreal} city\n")
@@ -155,7 +155,7 @@ def test_too_few_prompts_under_accelerate_launch_with_two_processes(tiny_base, t
 
 
 def test_resume_names_resolve_inside_the_output_dir_an_existing_path_first(tmp_path, monkeypatch):
-    from yoso.checkpoint import resolve_checkpoint
+    from yoso.training.checkpoint import resolve_checkpoint
 
     out = tmp_path / "out"
     (out / "checkpoint-20").mkdir(parents=True)
@@ -249,7 +249,7 @@ def test_check_only_validates_everything_and_creates_nothing(tiny_base, tiny_tea
 def test_only_the_listed_library_notices_are_dropped(caplog):
     import logging
 
-    from yoso.library_noise import quiet_library_notices
+    from yoso.utils.library_noise import quiet_library_notices
 
     quiet_library_notices()
     quiet_library_notices()  # idempotent

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harness import REPO, launch, tiny_train_args, write_prompts
-from yoso.lora import DEFAULT_TARGET_MODULES, add_lora, module_matches_target
+from yoso.method.lora import DEFAULT_TARGET_MODULES, add_lora, module_matches_target
 
 STEPS = 6
 
@@ -106,7 +106,7 @@ def test_a_run_prints_progress_and_results_not_library_noise(run_a):
 def test_checkpoints_hold_the_settings_a_resume_must_keep(run_a, tiny_base):
     from diffusers import UNet2DConditionModel
 
-    from yoso.checkpoint import RESUME_FIXED_SETTINGS, read_run_settings, unet_architecture
+    from yoso.training.checkpoint import RESUME_FIXED_SETTINGS, read_run_settings, unet_architecture
 
     record = read_run_settings(run_a[0] / "checkpoint-6")
     assert record["settings"] == {"resolution": 64, "lora_rank": 4, "lora_alpha": 8.0,
@@ -371,7 +371,7 @@ def test_one_non_finite_step_is_skipped_and_the_run_finishes(tiny_base, tiny_tea
     the run goes on to the end with finite weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from yoso.latent_cache import shard_file_name
+    from yoso.data.latent_cache import shard_file_name
 
     cache = tmp_path / "cache"
     result = launch(["--pretrained_model_name_or_path", tiny_base, "--pretrained_teacher_model", tiny_teacher,

@@ -53,7 +53,7 @@ TURBO_SCHEDULER_CONFIG = {
 
 # SD1.5's CLIP tokenizer lives in production code (the JourneyDB token counter uses it too); the tiny
 # models take it from there.
-from yoso.clip_bpe import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_bpe_vocab, make_clip_tokenizer
+from yoso.data.clip_bpe import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_bpe_vocab, make_clip_tokenizer
 
 
 def write_clip_vocab_files(folder):
@@ -365,7 +365,7 @@ def main():
     parser.add_argument("--sample_annotations", default=None, metavar="PATH",
                         help="also write a JourneyDB-shaped train_anno.jsonl.tgz of sample records here")
     args = parser.parse_args()
-    from .library_noise import quiet_library_notices
+    from yoso.utils.library_noise import quiet_library_notices
 
     quiet_library_notices()
     base, teacher = build_tiny_models(args.output_dir, resolution=args.resolution)
