@@ -4,6 +4,12 @@
 #   -> accelerate launch train_yoso_lora.py -> inference_examples.py with the trained LoRA.
 # Usage: bash demo.sh [OUTPUT_DIR]     (default: demo_output)
 set -euo pipefail
+usage="Usage: bash demo.sh [OUTPUT_DIR]   (default: demo_output) -- tiny offline models, prepare, train 30 steps, sample"
+case "${1:-}" in
+  -h|--help) echo "$usage"; exit 0 ;;
+  -*) echo "demo.sh: error: unknown option $1. $usage" >&2; exit 2 ;;
+esac
+[ "$#" -le 1 ] || { echo "demo.sh: error: one OUTPUT_DIR at most. $usage" >&2; exit 2; }
 cd "$(dirname "$0")"
 OUT="${1:-demo_output}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -4,6 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,3 +35,13 @@ def test_demo_runs_end_to_end(tmp_path):
              "skip_prk_steps", "was not found in config")
     found = [line for line in (result.stdout + result.stderr).splitlines() if any(text in line for text in noise)]
     assert not found, found
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["-h"], 0), (["--bogus"], 2), (["a", "b"], 2)])
+def test_demo_options_are_not_taken_for_the_output_folder(tmp_path, argv, code):
+    result = subprocess.run(["bash", str(REPO / "demo.sh"), *argv], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert result.returncode == code
+    text = result.stdout if code == 0 else result.stderr
+    assert len(text.strip().splitlines()) == 1 and "Usage: bash demo.sh [OUTPUT_DIR]" in text
+    assert not (REPO / "--help").exists() and not (REPO / "--bogus").exists() and list(tmp_path.iterdir()) == []

@@ -175,3 +175,19 @@ def test_multi_node_accelerate_config_loads_and_matches_the_launch_line(tmp_path
     assert (config.num_machines, config.num_processes, config.main_process_ip, config.main_process_port) == \
         (nodes.num_machines, nodes.num_processes, nodes.main_process_ip, nodes.main_process_port)
     assert str(config.mixed_precision) == nodes.mixed_precision == "fp16"
+
+
+def test_method_page_states_the_defaults_that_differ_from_the_release():
+    """docs/method.md names the release's learning rate and resume defaults beside ours, and ours are the code's."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import train_yoso_lora
+
+    defaults = train_yoso_lora.build_parser().parse_args(["--output_dir", "x"])
+    text = (REPO / "docs" / "method.md").read_text()
+    section = text[text.index("Defaults that differ from the released script's"):]
+    section = section[: section.index("Decisions where")]
+    assert defaults.learning_rate == 2e-5 and "ours is 2e-5" in section and "is 1e-4" in section
+    assert defaults.resume_from_checkpoint is None and "resumes from `latest` by default" in section
+    assert "D_final_loss = errD_real" in section
