@@ -347,3 +347,17 @@ def test_quick_variant_seeds_reuse_the_tables_run_and_train_the_others(quick_run
         assert any(not np.array_equal(other[k].numpy(), own[k].numpy()) for k in own)
     md = (out / "figures" / "digits_quick_seeds.md").read_text()
     assert "mean ± sd" in md and "--seeds 0 1" in md
+
+
+def test_trial_flags_reach_every_run(tmp_path):
+    """--yoso_flags (a recipe trial) is appended to every run's command, wins over the run's defaults, and is
+    part of the run's settings (train_yoso_run), so a trial never reuses a run trained without it."""
+    from train_yoso_lora import parse_args
+
+    budget = dict(RUN.FULL, yoso_flags="--lr_scheduler cosine --lr_warmup_steps 24 --learning_rate 1e-4")
+    cmd = RUN.yoso_command(tmp_path, tmp_path / "yoso" / "main", budget, E.YOSO_RUNS["main"][1], 0, "cpu")
+    args = parse_args(cmd[cmd.index(str(RUN.TRAIN_SCRIPT)) + 1:])
+    assert (args.lr_scheduler, args.lr_warmup_steps, args.learning_rate) == ("cosine", 24, 1e-4)
+    plain = RUN.yoso_command(tmp_path, tmp_path / "yoso" / "main", dict(RUN.FULL, yoso_flags=""),
+                             E.YOSO_RUNS["main"][1], 0, "cpu")
+    assert cmd[: len(plain)] == plain and len(cmd) == len(plain) + 6

@@ -19,6 +19,7 @@ Stages, in order; each is skipped when its outputs exist and were made with the 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def yoso_command(out, run_dir, budget, extra, seed, device):
         "--checkpointing_steps", "100000",
         "--report_to", "none",
         *extra,
+        *shlex.split(budget.get("yoso_flags", "")),  # a trial's recipe flags (--yoso_flags), last: they win
     ]
 
 
@@ -215,6 +217,8 @@ def train_yoso_run(out, name, run_dir, marker, budget, seed, n_prompts, quiet, d
     label, extra = YOSO_RUNS[name]
     cmd = yoso_command(out, run_dir, budget, extra, seed, device)
     settings = {k: budget[k] for k in YOSO_KEYS} | {"seed": seed, "extra": extra, "prompts": n_prompts}
+    if budget.get("yoso_flags"):  # absent when empty: markers of runs without a trial recipe stay as they were
+        settings["yoso_flags"] = budget["yoso_flags"]
     if _stage_done(marker, settings) and (run_dir / "pytorch_lora_weights.safetensors").is_file():
         log(f"yoso {run_dir.name}: done already")
         return json.loads(marker.read_text())["seconds"]
@@ -304,10 +308,14 @@ def main(argv=None):
                         "is the table's own run) and write <prefix>_seeds.{md,json}, every seed and the spread")
     p.add_argument("--seed_runs", nargs="+", default=None, metavar="RUN",
                    help="with --seeds: only these runs (default: main real_data)")
+    p.add_argument("--yoso_flags", default="", metavar="FLAGS",
+                   help='extra train_yoso_lora.py flags for every YOSO run (a recipe trial), e.g. '
+                        '--yoso_flags "--lr_scheduler cosine"; use with --out to keep the trial\'s runs apart')
     args = p.parse_args(argv)
 
     variant = "quick" if args.quick else "full"
     budget = dict(QUICK if args.quick else FULL)
+    budget["yoso_flags"] = args.yoso_flags
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in budget:
@@ -318,7 +326,8 @@ def main(argv=None):
     prefix = "digits" if not args.quick else "digits_quick"
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/digits/run.py" + (" --quick" if args.quick else "") + (" --skip-yoso" if args.skip_yoso else "") \
-        + "".join(f" --set {item}" for item in args.set) + (f" --device {args.device}" if args.device != "cpu" else "")
+        + "".join(f" --set {item}" for item in args.set) + (f" --yoso_flags {shlex.quote(args.yoso_flags)}" if args.yoso_flags else "") \
+        + (f" --device {args.device}" if args.device != "cpu" else "")
     log(f"{variant} run in {out}")
 
     timings = {}
