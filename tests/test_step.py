@@ -216,6 +216,9 @@ def test_consecutive_non_finite_losses_stop_the_run(tiny_base, tiny_teacher):
 @pytest.mark.parametrize("settings", [
     {"step_order": "discriminator_first", "discriminator_chunks": 4, "gan": "batch"},  # halves in pieces: D pre-pass
     {"step_order": "generator_first", "discriminator_chunks": 2, "gan": "sample"},
+    # one backward through F, D and G together (the order before staged backward): same losses and gradients
+    {"staged_backward": False, "gan": "batch"},
+    {"staged_backward": False, "step_order": "discriminator_first", "gan": "sample"},
 ])
 def test_other_orders_match_the_golden_reference(tiny_base, monkeypatch, settings):
     """The golden step's straight-line SPEC reference (tests/test_golden_step.py, unchanged) against the step run

@@ -25,6 +25,15 @@ Order (``--step_order``), for peak memory; both compute the same losses and grad
 a batch-mean logit has the per-logit gradient +-sigmoid(+-m)/B; with a half split in pieces, m comes from one
 D pass without gradient first).
 
+Staged backward (always on; ``staged_backward=False`` only to compare): G's loss has three parts that reach G
+through ``pred``: F's (the consistency and data losses), D's (the adversarial loss) and none else. Each part is
+computed on a detached copy of ``pred`` and backpropagated to it as soon as it exists (fp16-scaled and divided
+for accumulation by ``accelerator.backward``, as the whole loss would be), which frees F's graph before D's pass
+and D's graph before G's backward; G's graph then takes the summed gradient in one backward, so DDP still sees
+one backward per forward. Same gradients (autograd sums a tensor's incoming gradients the same way); at batch 16,
+512 px with gradient checkpointing the memory model (``benchmarks/memory_model.py``) puts the step's peak at
+17.1 GiB instead of 22.2.
+
 Host synchronisation: the step's noise is drawn on the CPU (device-independent and exactly resumable) at its
 start, host-to-device copies are pinned and non-blocking on CUDA, and the schedule's tables live on the device;
 the step's own waits for the device are the skip decisions below (and, under fp16, the loss scaler's: one per
@@ -118,7 +127,8 @@ class YOSOTrainingStep:
     def __init__(self, accelerator, *, unet, discriminator, feature_net, text_encoder, latent_source, schedule,
                  optimizer_g, optimizer_d, lr_scheduler, ema, loss_config, latent_shape, teacher_noise_shape=None,
                  seed=0, noise_offset=0.0, input_perturbation=0.0, max_grad_norm=1.0, max_nonfinite_steps=20,
-                 step_order="generator_first", discriminator_chunks=1, channels_last=False, timer=no_timer):
+                 step_order="generator_first", discriminator_chunks=1, channels_last=False, staged_backward=True,
+                 timer=no_timer):
         self.accelerator = accelerator
         self.unet = unet
         self.unet_module = accelerator.unwrap_model(unet)
@@ -147,6 +157,7 @@ class YOSOTrainingStep:
         self.step_order = step_order
         self.discriminator_chunks = int(discriminator_chunks)
         self.channels_last = channels_last
+        self.staged_backward = bool(staged_backward)
         self.consecutive_nonfinite = 0
         # Whether this process's losses stayed finite since the last optimizer step (no host sync per micro-step).
         self._d_window_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
@@ -237,19 +248,32 @@ class YOSOTrainingStep:
                 with timer("generator"):
                     pred = self.clean_estimate(self.unet, x_t, t, c)
 
-            # Generator update.
-            loss_con, loss_kl = self.generator_data_losses(pred, target, x0, t, t_p, c)
+            # Generator update. Staged backward: F's and D's graphs end at a detached copy of pred and are
+            # backpropagated to it as soon as each loss exists, so they are never alive together, nor with the
+            # other; G's graph then takes their summed gradient in one backward (same gradients, less memory).
+            g_input = pred.detach().requires_grad_() if self.staged_backward else pred
+            loss_con, loss_kl = self.generator_data_losses(g_input, target, x0, t, t_p, c)
+            if self.staged_backward:
+                with timer("feature_net"):
+                    self._backward_to_pred(cfg.lambda_con * loss_con + cfg.lambda_kl * loss_kl)
             with timer("adversarial"):
                 # D is frozen here; no checkpointing either, since a recomputation would see D's
                 # parameters requiring grad again and save different tensors.
                 with frozen(self.discriminator_module), gradient_checkpointing_disabled(self.discriminator_module):
-                    logits_pred = self.discriminator_module(self._layout(pred), t, c)
+                    logits_pred = self.discriminator_module(self._layout(g_input), t, c)
                 loss_adv = generator_adversarial_loss(logits_pred, cfg.gan_loss_reduction)
+                if self.staged_backward:
+                    self._backward_to_pred(cfg.lambda_adv * loss_adv)
             loss_g = cfg.lambda_con * loss_con + cfg.lambda_kl * loss_kl + cfg.lambda_adv * loss_adv
             self._g_window_ok &= torch.isfinite(loss_g)
 
         with timer("backward"):
-            accelerator.backward(loss_g)
+            if self.staged_backward:
+                # The gradient at pred is already scaled (fp16) and divided for accumulation by accelerate.
+                pred.backward(g_input.grad)
+                del g_input
+            else:
+                accelerator.backward(loss_g)
         grad_norm, skip_g, overflow = None, False, False
         with timer("optimizer"):
             if accelerator.sync_gradients:
@@ -280,6 +304,12 @@ class YOSOTrainingStep:
             "nonfinite": nonfinite,
             "x0": x0.detach(),
         }
+
+    def _backward_to_pred(self, loss):
+        """Backward of part of G's loss down to the detached pred only (its graph is then freed), as
+        ``accelerator.backward`` scales it: fp16 loss scale and gradient accumulation."""
+        with torch.autocast(self.accelerator.device.type, enabled=False):
+            self.accelerator.backward(loss)
 
     def _generator_optimizer_step(self):
         """G's optimizer step; returns whether fp16's loss scaler skipped it (an overflow).

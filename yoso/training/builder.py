@@ -79,6 +79,9 @@ class RunSettings:
     torch_compile: bool = False
     torch_compile_backend: str = "inductor"
     channels_last: bool = False
+    # F's and D's parts of G's loss backpropagated to pred as soon as they exist (always on in the script: the
+    # same gradients, never more memory; off only to compare, in tests and benchmarks)
+    staged_backward: bool = True
 
     @classmethod
     def from_args(cls, args, **overrides):
@@ -241,7 +244,7 @@ def build_run(settings, accelerator, *, num_training_steps, parts=None, weight_d
         input_perturbation=settings.input_perturbation,
         max_grad_norm=settings.max_grad_norm, max_nonfinite_steps=settings.max_nonfinite_steps,
         step_order=settings.step_order, discriminator_chunks=settings.discriminator_chunks,
-        channels_last=settings.channels_last, timer=timer or no_timer)
+        channels_last=settings.channels_last, staged_backward=settings.staged_backward, timer=timer or no_timer)
     return TrainingRun(settings=settings, accelerator=accelerator, models=models, unet=unet,
                        discriminator=discriminator, unet_module=unet_module,
                        discriminator_module=accelerator.unwrap_model(discriminator), optimizer_g=optimizer_g,
