@@ -358,6 +358,7 @@ def test_published_and_readme_commands_parse_to_the_recipe():
         assert (args.train_batch_size, args.gradient_accumulation_steps, args.max_train_steps) == (16, 4, 5000)
         assert args.learning_rate == 2e-5 and args.max_grad_norm == 1 and args.use_ema and args.gradient_checkpointing
         assert (args.lora_rank, args.lora_alpha, args.lambda_con, args.lambda_kl, args.snr_gamma) == (64, 8, 2, 0.5, 5)
+        assert (args.lambda_adv, args.consistency_loss, args.kl_loss, args.input_perturbation) == (1.0, "lpl", "mse", 0)
         assert (args.coop_gap, args.consistency_gap, args.ema_decay, args.gan_loss_reduction) == (250, 25, 0.999, "batch")
         assert args.pretrained_model_name_or_path == "runwayml/stable-diffusion-v1-5"
     assert published.pretrained_teacher_model == readme.pretrained_teacher_model == "stabilityai/sd-turbo"
