@@ -536,3 +536,16 @@ def test_readme_snippet_runs_as_written_and_matches_the_script(tiny_base, lora_d
     cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
                    *PY_SNIPPETS[0][1]])
     assert np.abs(pixels(cli[0]) - pixels(saved)).max() <= 1, "the script gives the snippet's image"
+
+
+def test_default_hub_model_offline_is_one_line_without_hub_notices(tmp_path):
+    """Offline, with the default hub ids and an empty cache: the one-line error alone, not diffusers'
+    two-line "Couldn't connect to the Hub ... Will try to load from local cache." before it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "inference_examples.py"), "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("inference_examples.py: error: could not load --base_model stablediffusionapi/realistic-vision-v51")
+    assert not (tmp_path / "out").exists()
