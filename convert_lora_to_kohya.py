@@ -46,6 +46,9 @@ def lora_files_in(path):
 def main(argv=None):
     """Convert; returns the written paths. Bad input: one line on stderr, exit status 2, nothing written."""
     args = build_parser().parse_args(argv)
+    from yoso.utils.library_noise import quiet_library_notices
+
+    quiet_library_notices()  # before yoso.outputs.kohya imports diffusers: transformers' "requires torchvision" notices
     from yoso.outputs.kohya import KohyaExportError, read_lora_header, save_kohya_lora
 
     try:

@@ -27,7 +27,7 @@ DEFAULT_BASE_MODEL = "runwayml/stable-diffusion-v1-5"
 
 
 def build_parser():
-    from yoso.evaluation.metrics import DEFAULT_CLIP_MODEL, FID_RESOLUTION
+    from yoso.evaluation.metrics import DEFAULT_CLIP_MODEL, FID_PROTOCOLS, FID_RESOLUTION
 
     p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter, description="FID and CLIP score of YOSO LoRAs for each sampling mode and step count.")
     p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="SD1.5-family diffusers folder or hub id (default: %(default)s)")
@@ -54,6 +54,9 @@ def build_parser():
     p.add_argument("--fid_feature_net", default="auto", metavar="PATH",
                    help="TorchScript FID feature network called as net(uint8 images, return_features=True); auto: Inception-v3 "
                         "(inception-2015-12-05.pt from NVlabs, downloaded to torch's hub cache once)")
+    p.add_argument("--fid_protocol", choices=FID_PROTOCOLS, default="crop_uint8",
+                   help="FID preprocessing: crop_uint8 (center crop, PIL bicubic on the 8-bit image) or clean "
+                        "(clean-fid's: no crop, float resize per channel) (default: %(default)s)")
     p.add_argument("--fid_resolution", type=int, default=FID_RESOLUTION, help="FID input size (default: %(default)s)")
     p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model folder or hub id for the CLIP score (default: %(default)s)")
     p.add_argument("--metrics_batch_size", type=int, default=50, help="images per feature-network call (default: %(default)s)")
@@ -75,7 +78,7 @@ def check_args(args, parser):
 
 def plan_evaluation(args, device_spec):
     """Every check that needs no model, and the :class:`yoso.evaluation.runs.Plan`; raises one-line errors."""
-    from yoso.evaluation import runs as ev
+    from yoso import evaluation as ev
     from yoso.evaluation import inference as yi
     from yoso.evaluation.metrics import list_images, sha256_file
     from yoso.data.latent_stats import LATENT_STATS_NAME, load_latent_stats
@@ -134,7 +137,7 @@ def plan_evaluation(args, device_spec):
 
 def load_models(plan, pending, device, dtype):
     """The pipeline with every LoRA this process needs as its own adapter (``lora{i}``); the latent statistics."""
-    from yoso.evaluation import runs as ev
+    from yoso import evaluation as ev
     from yoso.evaluation import inference as yi
     from yoso.data.latent_stats import load_latent_stats
 
@@ -161,7 +164,7 @@ def evaluate(args, state, stage=None):
     import torch
     from tqdm.auto import tqdm
 
-    from yoso.evaluation import runs as ev
+    from yoso import evaluation as ev
     from yoso.evaluation.metrics import CLIPScorer, FIDScorer, resolve_clip_model, resolve_fid_feature_net
     from yoso.outputs.output_dir import make_output_dir
 
@@ -172,7 +175,8 @@ def evaluate(args, state, stage=None):
     fid_scorer = clip_scorer = None
     if state.is_main_process:
         # Loaded now so that a missing or broken metric model is reported before hours of generation.
-        fid_scorer = FIDScorer(resolve_fid_feature_net(args.fid_feature_net), device, args.fid_resolution, args.metrics_batch_size)
+        fid_scorer = FIDScorer(resolve_fid_feature_net(args.fid_feature_net), device, args.fid_resolution, args.metrics_batch_size,
+                               args.fid_protocol)
         clip_scorer = CLIPScorer(resolve_clip_model(args.clip_model), device, args.metrics_batch_size, name=args.clip_model)
 
     pending = plan.pending(state.process_index, state.num_processes)

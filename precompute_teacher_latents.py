@@ -103,7 +103,7 @@ def main(argv=None):
 
     try:
         check_sizes(args)
-        prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples)
+        prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples, args.seed)
         plan = teacher_latent_plan(args)
         settings = make_cache_settings(args.pretrained_teacher_model, args.resolution, plan.latent_shape,
                                        args.teacher_num_inference_steps, args.teacher_guidance_scale, args.seed, prompts,

@@ -189,5 +189,5 @@ def test_method_page_states_the_defaults_that_differ_from_the_release():
     section = text[text.index("Defaults that differ from the released script's"):]
     section = section[: section.index("Decisions where")]
     assert defaults.learning_rate == 2e-5 and "ours is 2e-5" in section and "is 1e-4" in section
-    assert defaults.resume_from_checkpoint is None and "resumes from `latest` by default" in section
+    assert defaults.resume_from_checkpoint is None and "defaults to `latest`" in section
     assert "D_final_loss = errD_real" in section

@@ -118,8 +118,16 @@ def straight_clip_scores(folder, paths, captions):
     return 100 * np.maximum(cosine, 0)
 
 
-def straight_fid(net_path, real_paths, fake_paths, size=299):
-    """FID from features of the files (center crop, PIL bicubic to 299), numpy covariances, scipy sqrtm."""
+def straight_clean_pixels(path, size):
+    """clean-fid's clean resize written out: no crop; per channel a float32 mode-F PIL image, bicubic, clip."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    return np.stack([np.clip(np.asarray(Image.fromarray(rgb[..., k].astype(np.float32), mode="F")
+                                        .resize((size, size), Image.BICUBIC)), 0, 255) for k in range(3)], axis=-1)
+
+
+def straight_fid(net_path, real_paths, fake_paths, size=299, protocol="crop_uint8"):
+    """FID from features of the files (center crop, PIL bicubic to 299; or clean-fid's clean resize), numpy
+    covariances, scipy sqrtm."""
     from scipy import linalg
 
     with warnings.catch_warnings():
@@ -129,6 +137,9 @@ def straight_fid(net_path, real_paths, fake_paths, size=299):
     def features(paths):
         arrays = []
         for p in paths:
+            if protocol == "clean":
+                arrays.append(straight_clean_pixels(p, size).astype(np.float32))
+                continue
             image = Image.open(p).convert("RGB")
             w, h = image.size
             s = min(w, h)
@@ -403,7 +414,8 @@ def test_evaluation_writes_images_and_reports(evaluated, coco, lora_dir):
     rows = [line for line in table.splitlines() if line.startswith("| yoso-lora-output")]
     assert len(rows) == 5
     for row, run in zip(rows, report["runs"]):
-        assert f"| {run['fid']:.2f} | {run['clip_score']:.2f} |" in row
+        assert f"| {NUM_PROMPTS} vs {NUM_PROMPTS} | {run['fid']:.2f} | {run['clip_score']:.2f} |" in row
+        assert run["fid_reference_images"] == NUM_PROMPTS
     assert "299x299" in table and "bicubic" in table
     with Image.open(out / ev.GRID_NAME) as grid:
         assert grid.size == (220 + NUM_PROMPTS * SIZE, 5 * SIZE)
@@ -613,3 +625,67 @@ def test_readme_evaluate_commands_parse():
         args = evaluate_yoso.build_parser().parse_args(argv)
         assert ev.parse_modes(args.modes, args.steps)
         assert args.num_prompts == 5000 and args.prompts.endswith("captions_val2014.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# --fid_protocol clean, and the reference set's size beside the score
+
+
+def test_clean_protocol_is_clean_fids_float_resize_without_crop(fid_net, tmp_path):
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, size in enumerate([(80, 64), (64, 64), (50, 90)]):
+        synthetic_photo(rng, size).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    clean = im.fid_input(paths[:1], 96, "clean")[0].permute(1, 2, 0).numpy()
+    default = im.fid_input(paths[:1], 96)[0].permute(1, 2, 0).numpy().astype(np.float32)
+    assert im.fid_input(paths[:1], 96, "clean").dtype == torch.float32 and im.fid_input(paths[:1], 96).dtype == torch.uint8
+    assert np.array_equal(clean, straight_clean_pixels(paths[0], 96))
+    assert (clean != np.round(clean)).mean() > 0.5  # not rounded to 8 bits
+    # Non-square: the clean protocol squeezes the whole image (no crop), so the pictures differ ...
+    assert np.abs(clean - default).mean() > 5
+    # ... square: they differ only by the 8-bit rounding of the resize (PIL's 8-bit path rounds after each of
+    # its two passes, in fixed point: within about one level).
+    square_clean = im.fid_input(paths[1:2], 96, "clean")[0].numpy()
+    square_default = im.fid_input(paths[1:2], 96)[0].numpy().astype(np.float32)
+    assert 0 < np.abs(square_clean - square_default).max() <= 1.5
+    assert 0.1 < np.abs(square_clean - square_default).mean() <= 0.5
+
+    scorer = im.FIDScorer(fid_net, resolution=96, batch_size=2, protocol="clean")
+    real_dir, fake_dir = tmp_path / "real", tmp_path / "fake"
+    real_dir.mkdir(), fake_dir.mkdir()
+    for i in range(8):
+        synthetic_photo(rng).save(real_dir / f"{i}.png")
+        synthetic_photo(rng, (64, 80)).save(fake_dir / f"{i}.png")
+    real, fake = im.list_images(real_dir), im.list_images(fake_dir)
+    scorer.set_reference(real)
+    fid_clean = scorer.score(fake)
+    assert_close(fid_clean, straight_fid(fid_net, real, fake, size=96, protocol="clean"))
+    fid_default = im.FIDScorer(fid_net, resolution=96, batch_size=2)
+    fid_default.set_reference(real)
+    assert abs(fid_default.score(fake) - fid_clean) > 0.1  # the protocols give other numbers on these images
+    protocol = scorer.protocol()
+    assert protocol["fid_protocol"] == "clean" and "no crop" in protocol["preprocessing"] and "mode F" in protocol["preprocessing"]
+    with pytest.raises(im.MetricsError, match="--fid_protocol"):
+        im.FIDScorer(fid_net, protocol="cleanfid")
+
+
+def test_reference_images_all_states_the_reference_size_beside_the_score(evaluated, tiny_base, lora_dir, coco, fid_net,
+                                                                         tiny_clip, tmp_path, monkeypatch):
+    """The images of a finished evaluation scored again against the whole --reference_dir, clean protocol."""
+    source, _ = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    monkeypatch.setattr(yi, "load_pipeline", lambda *a, **k: pytest.fail("nothing to generate, yet the pipeline was loaded"))
+    argv = base_argv(tiny_base, lora_dir, coco, fid_net, tiny_clip, out, "--modes", "lcm:1", "--fid_protocol", "clean")
+    argv[argv.index("matched")] = "all"
+    report = run_main(argv)
+    reference = im.list_images(coco[1])
+    assert len(reference) == 10 and report["protocol"]["fid"]["num_reference_images"] == 10
+    (run,) = report["runs"]
+    assert run["fid_reference_images"] == 10 and run["num_images"] == NUM_PROMPTS
+    paths = [out / run["images"] / f"{k:05d}.png" for k in range(NUM_PROMPTS)]
+    assert_close(run["fid"], straight_fid(fid_net, reference, paths, protocol="clean"))
+    (row,) = [line for line in (out / ev.METRICS_MD).read_text().splitlines() if line.startswith("| yoso-lora-output")]
+    assert f"| {NUM_PROMPTS} vs 10 | {run['fid']:.2f} |" in row
+    assert report["protocol"]["fid"]["fid_protocol"] == "clean"

@@ -484,3 +484,45 @@ def test_decode_threads_give_the_same_batches(data, tmp_path):
     threaded = take(open_image_source(make_args(tmp_path, train_data_dir=str(data.bad_folder), dataloader_num_workers=3), 0, 1), 6)
     for a, b in zip(plain, threaded):
         assert a.ids == b.ids and torch.equal(a.pixel_values, b.pixel_values)
+
+
+# ---- --max_train_samples: diffusers' shuffle(seed).select(range(N)) on every route --------------------------
+
+def test_max_train_samples_is_a_seeded_random_subset_like_diffusers(data, tmp_path):
+    import datasets
+
+    from yoso.data.prompts import read_prompts, shuffled_subset
+
+    def selected(n, k, seed):  # what diffusers' examples do with --max_train_samples
+        return datasets.Dataset.from_dict({"row": list(range(n))}).shuffle(seed=seed).select(range(k))["row"]
+
+    for n, k, seed in ((13, 5, 3), (13, 5, 0), (100, 7, 42)):
+        assert shuffled_subset(n, k, seed) == selected(n, k, seed)
+    subset = shuffled_subset(NUM_SAMPLES, 5, 3)
+    assert sorted(subset) != list(range(5)) and shuffled_subset(NUM_SAMPLES, 5, 4) != subset
+
+    # A prompt file (.jsonl and plain text alike).
+    prompts = [f"prompt {i}" for i in range(NUM_SAMPLES)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    for name in ("p.jsonl", "p.txt"):
+        assert read_prompts(tmp_path / name, max_samples=5, seed=3) == [prompts[i] for i in subset]
+        assert read_prompts(tmp_path / name, max_samples=50, seed=3) == prompts  # more than there are: all, in order
+
+    # A map-style dataset (an image folder): each epoch holds exactly the subset's samples.
+    def captions_per_epoch(args, epochs=2):
+        batches = take(open_image_source(args, 0, 1), 5 * epochs)  # batch 1: 5 batches an epoch
+        return [sorted(c for b in batches if b.epoch == e for c in b.captions) for e in range(epochs)]
+
+    expected = sorted(f"caption number {i}" for i in subset)
+    assert captions_per_epoch(ROUTES["folder"](data, tmp_path, train_batch_size=1, max_train_samples=5)) == [expected] * 2
+
+    # Streams (tar shards here) cannot be permuted whole: the subset is IterableDataset.shuffle(seed).take(n)'s
+    # (seeded shard order and buffer), the same every epoch, and another seed picks another subset.
+    subsets = set()
+    for seed in range(4):
+        per_epoch = captions_per_epoch(ROUTES["tar"](data, tmp_path, train_batch_size=1, max_train_samples=5, seed=seed))
+        assert per_epoch[0] == per_epoch[1] and len(set(per_epoch[0])) == 5, seed
+        subsets.add(tuple(per_epoch[0]))
+    first_five = tuple(sorted(f"caption number {i}" for i in range(5)))
+    assert len(subsets) >= 3 and subsets != {first_five}

@@ -408,7 +408,8 @@ def test_script_error_is_one_line_on_stderr(tmp_path):
 
 BASE_IDS = ("stablediffusionapi/realistic-vision-v51", "runwayml/stable-diffusion-v1-5")
 LORA_IDS = ("Luo-Yihong/yoso_sd1.5_lora", "yoso-lora-output")
-PY_DEVICE_DTYPE = (("torch.float16", "torch.float32"), ("'cuda'", '"cpu"'), ('"cuda"', '"cpu"'))
+DEVICE_CHOICE = ('device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+                 'dtype = torch.float16 if device == "cuda" else torch.float32')
 
 # The python snippets in page order: a text each must contain, and the command-line arguments that
 # must give the same image.
@@ -441,11 +442,12 @@ def readme_commands():
 
 
 def localize_python(code, base, lora):
-    """Swap the hub ids for tiny local folders, float16 for float32 and CUDA for the CPU; assert that the
-    block contained each of them, so an edit of the page cannot make this test skip a block."""
-    swaps = {**{i: ("base", str(base)) for i in BASE_IDS}, **{i: ("lora", str(lora)) for i in LORA_IDS},
-             **{old: ("float16" if "float16" in old else "cuda", new) for old, new in PY_DEVICE_DTYPE}}
-    replaced = {"base": 0, "lora": 0, "float16": 0, "cuda": 0}
+    """Swap the hub ids for tiny local folders, nothing else: the snippet picks its device and dtype itself
+    (CUDA in float16 when there is one, else the CPU in float32), so it runs as written on the CPU. Asserts
+    that the block contained each id, so an edit of the page cannot make this test skip a block."""
+    assert DEVICE_CHOICE in code and code.count("from_pretrained(") == 1 and "dtype=dtype).to(device)" in code
+    swaps = {**{i: ("base", str(base)) for i in BASE_IDS}, **{i: ("lora", str(lora)) for i in LORA_IDS}}
+    replaced = {"base": 0, "lora": 0}
 
     def swap(match):
         name, new = swaps[match.group(0)]
@@ -455,7 +457,8 @@ def localize_python(code, base, lora):
     # One pass, so that a replacement is never itself rewritten.
     code = re.sub("|".join(re.escape(old) for old in swaps), swap, code)
     assert all(replaced.values()), f"a usage snippet lacks one of the swapped parts: {replaced}"
-    assert "cuda" not in code and "float16" not in code
+    # Nothing else names a device or a dtype: the snippet's choice is used throughout.
+    assert code.count('"cuda"') == 2 and code.count("float16") == 1
     return code
 
 
@@ -477,7 +480,11 @@ def test_readme_python_snippet_runs_and_matches_the_script(index, tiny_base, lor
     exec(compile(code, f"docs/inference.md usage snippet {index + 1}", "exec"), namespace)
     image = namespace["imgs"][0]
     assert isinstance(image, Image.Image) and image.size == (SIZE, SIZE)
-    cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", "cpu", "--output_dir", tmp_path / "cli",
+    device = namespace["device"]
+    assert namespace["dtype"] == (torch.float16 if device == "cuda" else torch.float32)
+    if not torch.cuda.is_available():
+        assert device == "cpu" and namespace["pipeline"].unet.dtype == torch.float32
+    cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
                    *PY_SNIPPETS[index][1]])
     assert np.abs(pixels(cli[0]) - pixels(image)).max() <= 1, "the script gives the snippet's image"
 
@@ -536,3 +543,16 @@ def test_readme_snippet_runs_as_written_and_matches_the_script(tiny_base, lora_d
     cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
                    *PY_SNIPPETS[0][1]])
     assert np.abs(pixels(cli[0]) - pixels(saved)).max() <= 1, "the script gives the snippet's image"
+
+
+def test_default_hub_model_offline_is_one_line_without_hub_notices(tmp_path):
+    """Offline, with the default hub ids and an empty cache: the one-line error alone, not diffusers'
+    two-line "Couldn't connect to the Hub ... Will try to load from local cache." before it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "inference_examples.py"), "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("inference_examples.py: error: could not load --base_model stablediffusionapi/realistic-vision-v51")
+    assert not (tmp_path / "out").exists()

@@ -216,3 +216,16 @@ def test_readme_converter_commands_run(run_dir, tmp_path):
         argv = [a.replace("yoso-lora-output", str(out)) for a in argv[2:]]
         written += convert_lora_to_kohya.main(argv)
     assert written == [(out / f / KOHYA_WEIGHT_NAME).resolve() for f in ("", "non_ema", "checkpoint-500")]
+
+
+def test_converter_prints_the_written_files_and_no_library_notices(run_dir, tmp_path):
+    """transformers' "requires torchvision" notices (CLIP's and SigLIP's image processors, when diffusers is
+    imported) are library noise: the converter prints only the files it wrote."""
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    shutil.copy(run_dir / LORA_WEIGHT_NAME, folder / LORA_WEIGHT_NAME)
+    proc = subprocess.run([sys.executable, str(REPO / "convert_lora_to_kohya.py"), str(folder)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str((folder / KOHYA_WEIGHT_NAME).resolve())]
+    assert "torchvision" not in proc.stderr and proc.stderr.strip() == "", proc.stderr

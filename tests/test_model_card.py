@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -227,20 +228,25 @@ def test_card_for_the_hub_names_repository_files(run_dir, tiny_base):
 
 
 def test_card_snippets_run_and_match_inference_examples(run_dir, tiny_base, tmp_path):
-    """The card's snippets (for the local folder) run as written, on the CPU in float32, and the 2-step one
-    gives the image that inference_examples.py (the README's snippets as a script) gives for its settings."""
+    """The card's snippets (for the local folder) run as written: they pick CUDA in float16 when there is a
+    GPU, else the CPU in float32; the 2-step one gives the image that inference_examples.py (the README's
+    snippets as a script) gives for its settings."""
     _, body = split_card(model_card_text(run_dir, train_args(tiny_base, run_dir)))
     blocks = python_blocks(body)
     assert len(blocks) == 2 and "num_inference_steps=2" in blocks[0] and "add_noise" in blocks[1]
     images = []
     for block in blocks:
-        assert block.count("torch.float16") == (1 if "add_noise" not in block else 2) and '"cuda"' in block
-        code = block.replace("torch.float16", "torch.float32").replace('"cuda"', '"cpu"')
+        assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in block
+        assert block.count("torch.float16") == 1 and block.count('"cuda"') == 2 and "dtype=dtype).to(device)" in block
         namespace = {}
-        exec(compile(code, "model card snippet", "exec"), namespace)
+        exec(compile(block, "model card snippet", "exec"), namespace)
+        device = namespace["device"]
+        assert namespace["dtype"] == (torch.float16 if device == "cuda" else torch.float32)
+        if not torch.cuda.is_available():
+            assert device == "cpu" and namespace["pipeline"].unet.dtype == torch.float32
         images.append(namespace["imgs"][0])
         assert isinstance(images[-1], Image.Image) and images[-1].size == (64, 64)
-    cli = inference_examples.main(["--base_model", tiny_base, "--lora", str(run_dir), "--device", "cpu", "--mode", "lcm",
+    cli = inference_examples.main(["--base_model", tiny_base, "--lora", str(run_dir), "--device", device, "--mode", "lcm",
                                    "--seed", "318", "--prompt", PROMPTS[0], "--output_dir", str(tmp_path / "cli")])
     pixels = [np.asarray(im.convert("RGB"), dtype=np.int16) for im in (images[0], Image.open(cli[0]))]
     assert np.abs(pixels[0] - pixels[1]).max() <= 1

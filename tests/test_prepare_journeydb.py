@@ -1141,3 +1141,48 @@ def test_benchmark_times_the_image_root_case(tmp_path):
     # Every other record's image exists; a prompt is kept when any of its records has its image.
     assert with_images["image_missing"] == 500 and plain["image_missing"] is None
     assert 0 < with_images["written"] < plain["written"]
+
+
+def _complete_lines_before(data, member_size):
+    """How many whole lines of a one-member .tgz's jsonl survive in ``data`` (cut anywhere): decompress
+    what is there (zlib, no tarfile), skip the 512-byte header, count the newlines."""
+    import zlib
+
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        tar_bytes = decompressor.decompress(data)
+    except zlib.error:
+        return 0
+    return tar_bytes[512 : 512 + member_size].count(b"\n")
+
+
+@pytest.mark.parametrize("num_records", [3, 60, 2000])
+def test_small_truncated_archives_keep_every_record_before_the_break(tmp_path, num_records):
+    """A cut .tgz of any size (a few records to ~1 MB of jsonl) keeps every whole record before the cut,
+    with the warning naming it; tarfile's member reader would drop the whole last read (all of a small one)."""
+    prompts = [f"a red fox number {i}" for i in range(num_records)]
+    lines = "".join(json.dumps(record(p)) + "\n" for p in prompts).encode()
+    full = tmp_path / "full.tgz"
+    with tarfile.open(full, "w:gz") as archive:
+        add_member(archive, "anno.jsonl", lines)
+    data = full.read_bytes()
+    kept_counts = []
+    for fraction in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98):
+        cut = tmp_path / f"cut-{fraction}.tgz"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        expected = _complete_lines_before(cut.read_bytes(), len(lines))
+        assert expected <= num_records
+        out = tmp_path / f"out-{fraction}.jsonl"
+        if expected == 0:  # nothing decodable: the one-line "could not be read" error
+            with pytest.raises(InputError, match="could not be read"):
+                prepare([cut], out, progress=False)
+            continue
+        summary = prepare([cut], out, progress=False)
+        assert summary["inputs"][0]["records"] == summary["written"]["train"] == expected
+        assert read_prompts(out) == prompts[:expected]
+        if expected < num_records:  # (a cut in the tar's end blocks or the gzip trailer loses no record)
+            assert len(summary["problems"]) == 1
+            assert summary["problems"][0].startswith(f"{cut}: stopped reading after {expected}")
+        kept_counts.append(expected)
+    assert len(kept_counts) >= 2 and kept_counts == sorted(kept_counts)  # more kept the later the cut
+    assert 0 < kept_counts[0] < num_records  # a cut that loses records, yet keeps some

@@ -69,7 +69,7 @@ def test_tiny_sdxl_turbo_loads_as_sdxl_and_is_conditioned_on_the_training_size(s
     assert type(pipe) is StableDiffusionXLPipeline  # through AutoPipelineForText2Image
     assert type(pipe.text_encoder) is CLIPTextModel and type(pipe.text_encoder_2) is CLIPTextModelWithProjection
     assert pipe.unet.config.addition_embed_type == "text_time"
-    assert pipe.scheduler.config.timestep_spacing == "trailing" and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.scheduler.config.timestep_spacing == "trailing" and type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
     assert pipe.vae.config.scaling_factor == SDXL_SCALING and pipe.vae.config.force_upcast is False
     assert source.noise_shape(64) == (4, 8, 8)
 
@@ -295,3 +295,48 @@ def test_train_script_transcodes_an_sdxl_teachers_latents(sdxl_teacher, tiny_bas
     assert abs(outputs["auto"]["std"].item() - expected.std()) <= 1e-5
     # Without transcoding the run trains on the teacher's own latents, which differ.
     assert (outputs["never"]["mean"] - expected.mean()).abs().max().item() > 1e-2
+
+
+def test_two_ancestral_teacher_steps_give_latents_that_depend_only_on_seed_epoch_and_index(sdxl_teacher, tiny_base,
+                                                                                          tmp_path):
+    """SDXL-Turbo's ancestral scheduler adds noise between steps: at 2 steps it must come from the samples' own
+    seeds, not the global RNG, on every route (the training step's, the cache's), whatever the batch."""
+    from types import SimpleNamespace
+
+    from yoso.data.latent_cache import LatentCacheReader, make_cache_settings, precompute_latents, write_cache_info
+    from yoso.method.step import YOSOTrainingStep
+    from yoso.data.teacher import load_teacher_latents, teacher_noise, teacher_noise_seeds
+
+    source = load_teacher_latents(sdxl_teacher, tiny_base, torch.float32, "cpu", num_inference_steps=2,
+                                  transcode=True)
+    assert type(source.pipeline.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    prompts = [f"prompt number {i}" for i in range(5)]
+    shape = source.noise_shape(64)
+
+    def step_latents(indices, global_seed, epoch=1):
+        """The training step's own path (YOSOTrainingStep.latents) with the global RNG seeded differently."""
+        torch.manual_seed(global_seed)
+        fake_step = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), seed=7,
+                                    teacher_noise_shape=shape, latent_source=source)
+        batch = {"epoch": epoch, "indices": indices, "prompts": [prompts[i] for i in indices]}
+        return YOSOTrainingStep.latents(fake_step, batch, SimpleNamespace(dtype=torch.float32))
+
+    a = step_latents([0, 1, 2], global_seed=0)
+    b = step_latents([4, 2], global_seed=12345)
+    assert (a[2] - b[1]).abs().max() <= 1e-5 * a[2].abs().max()  # index 2: same latent in another batch and RNG
+    assert (a[0] - step_latents([0], global_seed=99)[0]).abs().max() <= 1e-5 * a[0].abs().max()
+    # The steps' noise matters (so the equalities above are not vacuous): other step seeds, other latents ...
+    seeds = teacher_noise_seeds(7, 1, [2])
+    noise = teacher_noise(seeds, shape, "cpu", torch.float32)
+    other = source([prompts[2]], noise, [seeds[0] + 1])
+    assert (other[0] - a[2]).abs().max() > 1e-2 * a[2].abs().max()
+    # ... and so does the epoch.
+    assert (step_latents([2], global_seed=0, epoch=2)[0] - a[2]).abs().max() > 1e-2 * a[2].abs().max()
+
+    # The cache (batches of 2 here) holds the latents the training step makes (batches of 3 above).
+    settings = make_cache_settings(sdxl_teacher, 64, (4, 8, 8), 2, 0.0, 7, prompts)
+    torch.manual_seed(555)
+    precompute_latents(tmp_path / "cache", source, prompts, settings, num_epochs=2, shard_size=4, batch_size=2)
+    write_cache_info(tmp_path / "cache", settings, 2, 4, 2, torch.float32, torch.float32)
+    cached = LatentCacheReader(tmp_path / "cache").latents(1, [0, 1, 2])
+    assert (cached - a).abs().max() <= 1e-5 * a.abs().max()

@@ -358,6 +358,7 @@ def test_published_and_readme_commands_parse_to_the_recipe():
         assert (args.train_batch_size, args.gradient_accumulation_steps, args.max_train_steps) == (16, 4, 5000)
         assert args.learning_rate == 2e-5 and args.max_grad_norm == 1 and args.use_ema and args.gradient_checkpointing
         assert (args.lora_rank, args.lora_alpha, args.lambda_con, args.lambda_kl, args.snr_gamma) == (64, 8, 2, 0.5, 5)
+        assert (args.lambda_adv, args.consistency_loss, args.kl_loss, args.input_perturbation) == (1.0, "lpl", "mse", 0)
         assert (args.coop_gap, args.consistency_gap, args.ema_decay, args.gan_loss_reduction) == (250, 25, 0.999, "batch")
         assert args.pretrained_model_name_or_path == "runwayml/stable-diffusion-v1-5"
     assert published.pretrained_teacher_model == readme.pretrained_teacher_model == "stabilityai/sd-turbo"
@@ -400,3 +401,18 @@ def test_one_non_finite_step_is_skipped_and_the_run_finishes(tiny_base, tiny_tea
     assert stats["count"].item() == 3 * 4 and torch.isfinite(stats["mean"]).all()  # the inf batch left out
     events = EventAccumulator(str(out / "logs" / "yoso-lora"), size_guidance={"scalars": 0}).Reload()
     assert [e.value for e in events.Scalars("nonfinite_steps")] == [0, 1, 1, 1]
+
+
+def test_method_doc_states_the_defaults_that_differ_from_the_release():
+    """docs/method.md's list of defaults that differ from the released script matches our parser."""
+    from pathlib import Path
+
+    from train_yoso_lora import parse_args
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text(encoding="utf-8")
+    section = text.split("## Differences from the authors' script", 1)[1].split("\n## ", 1)[0]
+    defaults = parse_args(["--train_data", "p.jsonl"])
+    assert defaults.learning_rate == 2e-5 and defaults.resume_from_checkpoint is None
+    assert "default `--learning_rate` is 1e-4; ours is 2e-5" in section
+    assert "`--resume_from_checkpoint` defaults to `latest`" in section and "ours starts fresh" in section
+    assert "`D_final_loss = errD_real`" in section and "**the whole discriminator loss**" in section

@@ -233,18 +233,23 @@ def _text_encoder_with_projection(hidden_size, projection_dim, seed, num_layers=
     return CLIPTextModelWithProjection(_clip_text_config(hidden_size, projection_dim, num_layers)).eval()
 
 
+# SDXL-Turbo's scheduler (stabilityai/sdxl-turbo scheduler/scheduler_config.json): *ancestral* Euler with
+# trailing spacing; it adds fresh noise between steps, so more than one step needs the caller's generators.
+SDXL_TURBO_SCHEDULER_CONFIG = {**TURBO_SCHEDULER_CONFIG, "_class_name": "EulerAncestralDiscreteScheduler"}
+
+
 def build_tiny_sdxl_turbo(path, resolution=64, block_out_channels=(32, 64), text_hidden_sizes=(32, 48),
                           projection_dim=32, time_embed_dim=8, seed=200, vae=None):
     """Save a tiny SDXL-Turbo-shaped StableDiffusionXLPipeline to ``path``; return the path.
 
     Two text encoders (CLIPTextModel, and CLIPTextModelWithProjection for the pooled embedding, with the
     SD2-style "!" padding tokenizer), a UNet with SDXL's ``text_time`` added conditioning (pooled text +
-    6 size numbers: original size, crop corner, target size), Euler with trailing spacing as SDXL-Turbo's
-    scheduler, and a VAE in *another* latent space than the tiny SD1.5's: scaling factor 0.13025 (SDXL's),
+    6 size numbers: original size, crop corner, target size), ancestral Euler with trailing spacing as
+    SDXL-Turbo's scheduler, and a VAE in *another* latent space than the tiny SD1.5's: scaling factor 0.13025 (SDXL's),
     other weights, ``force_upcast`` false. ``vae``: an AutoencoderKL to use instead (e.g. from
     :func:`make_blockwise_linear_vae`).
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if vae is None:
         vae = make_vae(seed + 1, resolution, scaling_factor=SDXL_VAE_SCALING_FACTOR)
@@ -274,7 +279,7 @@ def build_tiny_sdxl_turbo(path, resolution=64, block_out_channels=(32, 64), text
         tokenizer=make_clip_tokenizer(),
         tokenizer_2=make_clip_tokenizer(pad_token="!"),
         unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(TURBO_SCHEDULER_CONFIG),
+        scheduler=EulerAncestralDiscreteScheduler.from_config(SDXL_TURBO_SCHEDULER_CONFIG),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )

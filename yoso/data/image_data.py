@@ -35,6 +35,7 @@ the epoch's end), which every rank would choose alike, so all ranks still run th
 steps. Each skip is counted (``source.skipped``) and each bad file named once in a warning.
 """
 
+import itertools
 import logging
 import random
 import threading
@@ -352,8 +353,10 @@ class StreamedImageSource(ImageBatchSource):
     (``yoso.data.tar_shards.TarShards``, ``DatasetStreamShards``).
 
     An epoch reads the shards in an order permuted by (seed, epoch) through a shuffle buffer of
-    ``shuffle_buffer_size`` records seeded by (seed, epoch). With ``max_train_samples`` the epoch holds the
-    first that many records in shard order (then only the buffer shuffles them).
+    ``shuffle_buffer_size`` records seeded by (seed, epoch). With ``max_train_samples`` every epoch holds
+    the same subset, picked as ``IterableDataset.shuffle(seed).take(n)`` picks it (a stream cannot be
+    permuted whole): the first n records of the shards in an order permuted by the seed alone, through a
+    shuffle buffer seeded by it alone; the epoch's buffer then shuffles them.
     """
 
     streamed = True
@@ -373,28 +376,30 @@ class StreamedImageSource(ImageBatchSource):
         self.records_scanned = 0
 
     def shard_order(self, epoch):
-        if self.max_train_samples is not None:
-            return list(range(self.shards.num_shards))
         order = list(range(self.shards.num_shards))
-        random.Random(sample_seed(self.seed, epoch, -1, "shards")).shuffle(order)
+        # With --max_train_samples the subset is the seed's alone: the same shard order every epoch.
+        subset = self.max_train_samples is not None
+        random.Random(sample_seed(self.seed, -1 if subset else epoch, -1, "subset shards" if subset else "shards")
+                      ).shuffle(order)
         return order
 
     def epoch_records(self, epoch):
         """(id, record) in the epoch's order: shards in ``shard_order``, through the shuffle buffer."""
 
         def natural():
-            count = 0
             for shard in self.shard_order(epoch):
                 for position, record in enumerate(self.shards.records(shard)):
-                    if self.max_train_samples is not None and count >= self.max_train_samples:
-                        return
                     if position >> SHARD_ID_SHIFT:
                         raise ImageDataError(f"{self.flag}: shard {shard} holds over 2^{SHARD_ID_SHIFT} samples")
                     self.records_scanned += 1
-                    count += 1
                     yield (shard << SHARD_ID_SHIFT) | position, record
 
-        return shuffle_buffer(natural(), self.shuffle_buffer_size, random.Random(sample_seed(self.seed, epoch, -1, "buffer")))
+        records = natural()
+        if self.max_train_samples is not None:
+            subset_rng = random.Random(sample_seed(self.seed, -1, -1, "subset buffer"))
+            records = itertools.islice(shuffle_buffer(records, self.shuffle_buffer_size, subset_rng),
+                                       self.max_train_samples)
+        return shuffle_buffer(records, self.shuffle_buffer_size, random.Random(sample_seed(self.seed, epoch, -1, "buffer")))
 
     def _progress(self, total):
         from tqdm.auto import tqdm
@@ -644,7 +649,8 @@ def open_image_source(args, rank=0, world_size=1):
     if info.route == ROUTE_DATASET:
         dataset = load_image_dataset(args, streaming=False)
         if max_samples is not None:
-            dataset = dataset.select(range(min(max_samples, len(dataset))))
+            # diffusers' examples: shuffle with the seed, then select (a random subset, not the first rows).
+            dataset = dataset.shuffle(seed=args.seed).select(range(min(max_samples, len(dataset))))
         return ImageDatasetSource(dataset, info.image_column, info.caption_column, **common)
     if info.route == ROUTE_TAR:
         shards = TarShards(find_tar_shards(args.train_data_dir), info.image_column, info.caption_column)

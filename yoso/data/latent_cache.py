@@ -276,7 +276,7 @@ def precompute_latents(output_dir, latent_source, prompts, settings, num_epochs=
         for b in range(0, len(indices), batch_size):
             noise = teacher_noise(seeds[b:b + batch_size], noise_shape, device, noise_dtype)
             with autocast(), torch.no_grad():
-                latents = latent_source([prompts[i] for i in indices[b:b + batch_size]], noise)
+                latents = latent_source([prompts[i] for i in indices[b:b + batch_size]], noise, seeds[b:b + batch_size])
             chunks.append(latents.detach().to("cpu"))
             if progress is not None:
                 progress(len(chunks[-1]))

@@ -15,7 +15,17 @@ class PromptFileError(ValueError):
     """A prompt file that cannot be used; the message is one line naming the file and the fix."""
 
 
-def read_prompts(path, caption_column="prompt", max_samples=None):
+def shuffled_subset(num_items, max_samples, seed):
+    """The rows ``--max_train_samples`` keeps, in their order: diffusers' ``dataset.shuffle(seed=seed)
+    .select(range(max_samples))`` (datasets permutes with ``numpy.random.default_rng(seed)``), so every
+    data route keeps a random subset, the same for the same seed, not the file's first rows."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(num_items)
+    return [int(i) for i in order[:max_samples]] if max_samples is not None else [int(i) for i in order]
+
+
+def read_prompts(path, caption_column="prompt", max_samples=None, seed=0):
     """Prompts from ``path``, by its extension:
 
     - ``.jsonl``: one JSON object a line, the text in ``caption_column``;
@@ -24,20 +34,23 @@ def read_prompts(path, caption_column="prompt", max_samples=None):
     - anything else: plain text, one prompt a line. A text file whose first line is JSON (``[``, ``{``, an
       object) is refused rather than trained on as text.
 
-    Blank lines and empty texts are skipped; a malformed record is an error naming its line or item."""
+    Blank lines and empty texts are skipped; a malformed record is an error naming its line or item.
+    ``max_samples`` (``--max_train_samples``) keeps that many prompts drawn with ``seed`` (:func:`shuffled_subset`)."""
     path = Path(path)
     caption_column = caption_column or "prompt"
     if not path.is_file():
         raise PromptFileError(f"--train_data {path}: no such file (make one with prepare_journeydb.py)")
     try:
         if path.suffix == ".json":
-            prompts = _read_json_list(path, caption_column, max_samples)
+            prompts = _read_json_list(path, caption_column)
         else:
-            prompts = _read_lines(path, caption_column, max_samples)
+            prompts = _read_lines(path, caption_column)
     except UnicodeDecodeError as error:
         raise PromptFileError(f"--train_data {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not prompts:
         raise PromptFileError(f"--train_data {path}: no prompts in the file")
+    if max_samples is not None and max_samples < len(prompts):
+        prompts = [prompts[i] for i in shuffled_subset(len(prompts), max_samples, seed)]
     return prompts
 
 
@@ -47,7 +60,7 @@ def _record_text(record, caption_column, where):
     return str(record[caption_column]).strip()
 
 
-def _read_lines(path, caption_column, max_samples):
+def _read_lines(path, caption_column):
     prompts = []
     with open(path, encoding="utf-8", errors="strict") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -68,8 +81,6 @@ def _read_lines(path, caption_column, max_samples):
                 text = line
             if text:
                 prompts.append(text)
-            if max_samples is not None and len(prompts) >= max_samples:
-                break
     return prompts
 
 
@@ -85,7 +96,7 @@ def _looks_like_json(line):
     return False
 
 
-def _read_json_list(path, caption_column, max_samples):
+def _read_json_list(path, caption_column):
     text = path.read_text(encoding="utf-8", errors="strict")
     try:
         data = json.loads(text)
@@ -104,8 +115,6 @@ def _read_json_list(path, caption_column, max_samples):
             text = _record_text(item, caption_column, f"{path} item {item_number}")
         if text:
             prompts.append(text)
-        if max_samples is not None and len(prompts) >= max_samples:
-            break
     return prompts
 
 

@@ -5,7 +5,10 @@ clean latent x0. A teacher in another latent space (SDXL-Turbo: the SDXL VAE's) 
 :class:`~yoso.data.latent_space.LatentTranscoder`: its latents are decoded by its VAE and re-encoded by the
 base's, so x0 is always in the base's space (whether to transcode is decided from the configs by
 ``yoso.data.latent_space.check_teacher_latents``). Its noise is drawn per sample from a seed derived from
-(run seed, epoch, prompt index), so a latent can be regenerated (or cached) exactly.
+(run seed, epoch, prompt index), so a latent can be regenerated (or cached) exactly. A scheduler that adds
+noise between steps (SDXL-Turbo ships ``EulerAncestralDiscreteScheduler``) draws it from one generator per
+sample seeded from the same seed, never from the global RNG: with several teacher steps a latent still
+depends only on (seed, epoch, index), not on the batch it was generated in.
 """
 
 import torch
@@ -15,6 +18,12 @@ def teacher_noise(seeds, shape, device, dtype):
     """Plain N(0, I) noise, one generator per sample (pipelines scale it by ``init_noise_sigma`` themselves)."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+def teacher_step_generators(seeds):
+    """One CPU generator per sample for the noise a pipeline's scheduler adds *between* steps (ancestral
+    samplers). Seeded from the sample's teacher seed, offset so that this stream is not the initial noise's."""
+    return [torch.Generator().manual_seed((int(s) + 0x9E3779B97F4A7C15) % (2**63 - 1)) for s in seeds]
 
 
 def teacher_noise_seeds(seed, epoch, indices):
@@ -44,12 +53,17 @@ class TeacherLatents:
         return (self.pipeline.unet.config.in_channels, resolution // factor, resolution // factor)
 
     @torch.no_grad()
-    def teacher_space_latents(self, prompts, noise):
-        """The pipeline's own output: latents in the teacher's VAE space."""
+    def teacher_space_latents(self, prompts, noise, seeds=None):
+        """The pipeline's own output: latents in the teacher's VAE space. ``seeds``: the samples' teacher
+        seeds (``teacher_noise_seeds``); they seed the noise an ancestral scheduler adds between steps.
+        Without them that noise comes from the global RNG (only harmless at 1 step)."""
         factor = self.pipeline.vae_scale_factor
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} teacher seeds for {len(prompts)} prompts")
         return self.pipeline(
             prompt=list(prompts),
             latents=noise,
+            generator=None if seeds is None else teacher_step_generators(seeds),
             height=noise.shape[-2] * factor,
             width=noise.shape[-1] * factor,
             num_inference_steps=self.num_inference_steps,
@@ -58,8 +72,8 @@ class TeacherLatents:
         ).images
 
     @torch.no_grad()
-    def __call__(self, prompts, noise):
-        latents = self.teacher_space_latents(prompts, noise)
+    def __call__(self, prompts, noise, seeds=None):
+        latents = self.teacher_space_latents(prompts, noise, seeds)
         return latents if self.transcoder is None else self.transcoder(latents)
 
 

@@ -2,9 +2,12 @@
 
 FID (Frechet distance between Inception features of generated and reference images):
 
-- every image is read as RGB, center-cropped to a square and resized to 299 x 299 with PIL's bicubic
-  filter on the 8-bit image (antialiased, unlike a tensor interpolation), then passed as uint8 to the
-  feature network;
+- the default protocol (``crop_uint8``): every image is read as RGB, center-cropped to a square and
+  resized to 299 x 299 with PIL's bicubic filter on the 8-bit image (antialiased, unlike a tensor
+  interpolation), so the resized pixels are rounded to uint8, then passed as uint8 to the feature network;
+- ``clean`` (clean-fid's "clean" mode): no crop (the whole image is resized to 299 x 299); each channel is
+  resized on its own as a float32 PIL image (mode ``F``), bicubic, clipped to [0, 255] and passed as
+  float32, without rounding. The two differ in those two places only (for square images, in the rounding);
 - the feature network is a TorchScript module called as ``net(images, return_features=True)`` -> ``[N, D]``.
   The default is NVlabs' TorchScript port of the TensorFlow Inception-v3 (2015-12-05 weights) that
   StyleGAN2-ADA and clean-fid use: pool3 features, 2048-d. Its own resize to 299 is the identity here;
@@ -80,9 +83,34 @@ def center_crop_resize(image, size):
     return square if side == size else square.resize((size, size), Image.BICUBIC)
 
 
-def fid_input(paths, size=FID_RESOLUTION):
-    """uint8 ``[N, 3, size, size]`` tensor of the images at ``paths``, preprocessed for FID."""
-    arrays = [np.asarray(center_crop_resize(open_rgb(p), size), dtype=np.uint8) for p in paths]
+FID_PROTOCOLS = ("crop_uint8", "clean")
+FID_PREPROCESSING = {
+    "crop_uint8": "RGB, center crop to a square, PIL bicubic resize of the 8-bit image to {size}x{size}, uint8",
+    "clean": ("RGB, no crop, each channel resized alone as a float32 PIL image (mode F), bicubic, to {size}x{size}, "
+              "clipped to [0, 255], float32 (clean-fid's clean protocol)"),
+}
+
+
+def clean_resize(image, size):
+    """clean-fid's "clean" resize: each channel of the 8-bit RGB image as a float32 PIL image (mode ``F``),
+    bicubic to ``size`` x ``size`` (no crop), clipped to [0, 255]; float32 ``[size, size, 3]``, no rounding."""
+    array = np.asarray(image, dtype=np.uint8)
+    channels = []
+    for k in range(3):
+        channel = Image.fromarray(array[:, :, k].astype(np.float32), mode="F").resize((size, size), Image.BICUBIC)
+        channels.append(np.asarray(channel, dtype=np.float32).clip(0, 255))
+    return np.stack(channels, axis=2)
+
+
+def fid_input(paths, size=FID_RESOLUTION, protocol="crop_uint8"):
+    """``[N, 3, size, size]`` tensor of the images at ``paths``, preprocessed for FID by ``protocol``
+    (uint8 for ``crop_uint8``, float32 in [0, 255] for ``clean``)."""
+    if protocol == "clean":
+        arrays = [clean_resize(open_rgb(p), size) for p in paths]
+    elif protocol == "crop_uint8":
+        arrays = [np.asarray(center_crop_resize(open_rgb(p), size), dtype=np.uint8) for p in paths]
+    else:
+        raise MetricsError(f"--fid_protocol {protocol}: must be one of {FID_PROTOCOLS}")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -138,9 +166,12 @@ class TorchScriptFeatures(torch.nn.Module):
 class FIDScorer:
     """FID of image sets against one reference set; the reference statistics are computed once."""
 
-    def __init__(self, feature_net_path, device="cpu", resolution=FID_RESOLUTION, batch_size=50):
+    def __init__(self, feature_net_path, device="cpu", resolution=FID_RESOLUTION, batch_size=50, protocol="crop_uint8"):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
+        if protocol not in FID_PROTOCOLS:
+            raise MetricsError(f"--fid_protocol {protocol}: must be one of {FID_PROTOCOLS}")
+        self.fid_protocol = protocol
         self.path = Path(feature_net_path)
         self.resolution = resolution
         self.batch_size = batch_size
@@ -154,7 +185,7 @@ class FIDScorer:
 
     def _update(self, paths, real, progress=None):
         for start in range(0, len(paths), self.batch_size):
-            batch = fid_input(paths[start : start + self.batch_size], self.resolution).to(self.device)
+            batch = fid_input(paths[start : start + self.batch_size], self.resolution, self.fid_protocol).to(self.device)
             with torch.inference_mode():
                 self.metric.update(batch, real=real)
             if progress is not None:
@@ -181,7 +212,8 @@ class FIDScorer:
             else f"custom TorchScript feature network, {self.metric.inception.num_features}-d",
             "feature_net_file": str(self.path),
             "feature_net_sha256": sha256_file(self.path),
-            "preprocessing": f"RGB, center crop to a square, PIL bicubic resize to {self.resolution}x{self.resolution}, uint8",
+            "fid_protocol": self.fid_protocol,
+            "preprocessing": FID_PREPROCESSING[self.fid_protocol].format(size=self.resolution),
             "implementation": "torchmetrics FrechetInceptionDistance (float64 statistics, unbiased covariances)",
             "num_reference_images": self.num_reference,
         }

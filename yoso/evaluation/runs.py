@@ -395,7 +395,8 @@ def compute_metrics(plan, reference_paths, fid_scorer, clip_scorer, progress_fac
             progress.close()
         results.append({"name": run.name, "lora": plan.loras[run.lora_index].spec, "lora_name": run.lora_name,
                         "mode": run.mode, "steps": run.steps, "guidance_scale": run.guidance_scale,
-                        "lora_scale": plan.lora_scale, "num_images": len(paths), "fid": fid, "clip_score": clip,
+                        "lora_scale": plan.lora_scale, "num_images": len(paths),
+                        "fid_reference_images": len(reference_paths), "fid": fid, "clip_score": clip,
                         "images": str(run.folder(plan.output_dir).relative_to(plan.output_dir))})
     return results
 
@@ -425,11 +426,13 @@ def markdown_table(report):
         f"{report['generation']['image_size'][0]}x{report['generation']['image_size'][1]} images, {report['generation']['dtype']}.",
         f"FID reference: {fid['num_reference_images']} images ({reference.get('images')}) from `{reference.get('dir')}`.",
         "",
-        "| LoRA | mode | steps | guidance | FID ↓ | CLIP score ↑ |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| LoRA | mode | steps | guidance | images vs reference | FID ↓ | CLIP score ↑ |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["runs"]:
-        lines.append(f"| {r['lora_name']} | {r['mode']} | {r['steps']} | {r['guidance_scale']:g} | {r['fid']:.2f} | {r['clip_score']:.2f} |")
+        # The reference set's size beside the score: FID depends on it (--reference_images all: the whole folder).
+        lines.append(f"| {r['lora_name']} | {r['mode']} | {r['steps']} | {r['guidance_scale']:g} | "
+                     f"{r['num_images']} vs {r['fid_reference_images']} | {r['fid']:.2f} | {r['clip_score']:.2f} |")
     lines += [
         "",
         f"- FID: {fid['feature_extractor']}; {fid['preprocessing']}; {fid['implementation']}.",

@@ -202,7 +202,7 @@ class YOSOTrainingStep:
             return to_device(batch["latents"], device, torch.float32)
         seeds = teacher_noise_seeds(self.seed, batch["epoch"], batch["indices"])
         noise = to_device(teacher_noise(seeds, self.teacher_noise_shape, "cpu", c.dtype), device)
-        return self.latent_source(batch["prompts"], noise).float()
+        return self.latent_source(batch["prompts"], noise, seeds).float()
 
     def step(self, batch, generator):
         cfg, accelerator, timer = self.config, self.accelerator, self.timer

@@ -133,12 +133,14 @@ def _files_section(output_dir, args_dict, repo_id):
 
 
 def _snippet_start(base, extra_imports=""):
-    """The lines every usage snippet starts with: the base pipeline with LCMScheduler, on CUDA in fp16."""
+    """The lines every usage snippet starts with: the base pipeline with LCMScheduler, on CUDA in fp16 when
+    there is a GPU, else on the CPU in float32."""
     return ("import torch\n"
             "from diffusers import DiffusionPipeline, LCMScheduler\n"
             + extra_imports
-            + f"pipeline = DiffusionPipeline.from_pretrained({json.dumps(base)}, dtype=torch.float16)\n"
-            'pipeline = pipeline.to("cuda")\n'
+            + 'device = "cuda" if torch.cuda.is_available() else "cpu"\n'
+            'dtype = torch.float16 if device == "cuda" else torch.float32  # fp16 needs a GPU\n'
+            f"pipeline = DiffusionPipeline.from_pretrained({json.dumps(base)}, dtype=dtype).to(device)\n"
             "pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)\n")
 
 
@@ -173,7 +175,7 @@ def _usage_section(output_dir, args_dict, repo_id, base):
             "latents = pipeline.scheduler.add_noise(init, torch.randn(init.shape, generator=generator), T)\n"
             "latents = latents / pipeline.scheduler.init_noise_sigma\n"
             f"imgs = pipeline(prompt={prompt}, num_inference_steps=1, guidance_scale=1.5, generator=generator,\n"
-            '                latents=latents.to("cuda", torch.float16))[0]\n'
+            '                latents=latents.to(device, dtype))[0]\n'
             "imgs[0]\n```",
         ]
     if (output_dir / "non_ema" / LORA_WEIGHT_NAME).is_file():

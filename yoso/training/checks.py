@@ -130,7 +130,7 @@ def preflight(args):
         check_image_data(args)  # its row count is checked when the data opens (unknown until datasets prepares it)
         prompts = None
     else:
-        prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples)
+        prompts = read_prompts(args.train_data, resolve_caption_column(args), args.max_train_samples, args.seed)
         check_global_batch(len(prompts), args)
 
     base = args.pretrained_model_name_or_path

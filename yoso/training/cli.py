@@ -63,7 +63,7 @@ def add_data_arguments(p):
     p.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (default: never).")
     p.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it first (default: download).")
     p.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Samples in the shuffle buffer of a streamed dataset.")
-    p.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N prompts or samples (default: all).")
+    p.add_argument("--max_train_samples", type=int, default=None, help="Use N prompts or samples drawn with --seed, as diffusers' shuffle(seed).select(range(N)) (default: all).")
     p.add_argument("--resolution", type=int, default=512, help="Image side in pixels (SD1.5: a multiple of 64).")
 
 

@@ -9,6 +9,11 @@ Each is emitted by a library for a situation that is normal here:
 - diffusers, when a scheduler is built from SD1.5's scheduler config (a PNDMScheduler's): "The config
   attributes {'skip_prk_steps': True} were passed to LCMScheduler, but are not expected and will be
   ignored". The attribute is PNDM's alone; every other unexpected attribute still warns.
+- diffusers, when a pipeline's hub id cannot be reached (offline, or no network): "Couldn't connect to the
+  Hub: ... Will try to load from local cache." (two lines). Loading then either succeeds from the cache, or
+  fails and our scripts say so in their one-line error, which names the model; the notice adds nothing.
+- transformers, for every image-processor class it resolves, not only CLIP's (SigLIP's too, when
+  ``convert_lora_to_kohya.py`` imports diffusers): the same "requires torchvision" notice.
 
 Everything else the libraries log passes through unchanged.
 """
@@ -22,6 +27,7 @@ NOTICES = {
     "diffusers.configuration_utils": [
         re.compile(r"^The config attributes \{'skip_prk_steps': (True|False)\} were passed to \w+Scheduler, but are not expected"),
     ],
+    "diffusers.pipelines.pipeline_utils": [re.compile(r"^Couldn't connect to the Hub: .*\nWill try to load from local cache\.$", re.S)],
 }
 
 

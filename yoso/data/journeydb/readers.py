@@ -166,6 +166,29 @@ def _json_list_records(raw_file, location, entry, report):
         yield record
 
 
+class _MemberData(io.RawIOBase):
+    """A tar member's data read straight from the archive's stream. tarfile's own member reader raises on a
+    short read and drops the bytes of that read (up to the whole member, for a small archive); this one
+    hands over every byte the stream still gives, then raises: the lines before the break are kept."""
+
+    def __init__(self, stream, size):
+        self.stream, self.left = stream, size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        want = min(len(buffer), self.left)
+        if want == 0:
+            return 0
+        data = self.stream.read(want)
+        if not data:
+            raise tarfile.ReadError(f"unexpected end of data ({self.left} bytes of the member missing)")
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
 def _tar_records(raw_file, path, entry, report, progress):
     # "r|*": a stream, read once from the start, compression detected; members are never put on disk.
     with tarfile.open(fileobj=raw_file, mode="r|*") as archive:
@@ -178,7 +201,8 @@ def _tar_records(raw_file, path, entry, report, progress):
             entry["jsonl_members"].append(member.name)
             # tarfile hands out 8 KB at a time and re-slices its decompressed buffer on each call;
             # 256 KB reads cut that copying (~25% of the archive's read time).
-            lines = io.BufferedReader(archive.extractfile(member), buffer_size=256 * 1024)
+            archive.fileobj.seek(member.offset_data)  # a stream: only ever forward (a no-op here)
+            lines = io.BufferedReader(_MemberData(archive.fileobj, member.size), buffer_size=256 * 1024)
             yield from _jsonl_records(lines, f"{path}:{member.name}", entry, report, progress)
     if not entry["jsonl_members"]:
         report.problem(
