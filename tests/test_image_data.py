@@ -4,7 +4,11 @@ bad samples, preflight errors, the streamed tar route, and the VAE latents."""
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -484,3 +488,48 @@ def test_decode_threads_give_the_same_batches(data, tmp_path):
     threaded = take(open_image_source(make_args(tmp_path, train_data_dir=str(data.bad_folder), dataloader_num_workers=3), 0, 1), 6)
     for a, b in zip(plain, threaded):
         assert a.ids == b.ids and torch.equal(a.pixel_values, b.pixel_values)
+
+
+EXIT_CHILD = r"""
+import io, json, sys
+from pathlib import Path
+from types import SimpleNamespace
+import numpy as np
+from PIL import Image
+from yoso.image_data import open_image_source, prefetch
+
+folder = Path(sys.argv[1])
+folder.mkdir()
+rng = np.random.default_rng(0)
+with open(folder / "metadata.jsonl", "w") as meta:
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (384, 512, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg", quality=95)
+        meta.write(json.dumps({"file_name": f"{i:03d}.jpg", "text": f"caption {i}"}) + "\n")
+args = SimpleNamespace(dataset_name=None, dataset_config_name=None, train_data_dir=str(folder), image_column="image",
+                       caption_column=None, resolution=256, train_batch_size=4, seed=0, center_crop=False,
+                       random_flip=True, max_train_steps=100, max_train_samples=None, streaming=False,
+                       shuffle_buffer_size=5, cache_dir=str(folder.parent / "cache"), dataloader_num_workers=2)
+AHEAD = prefetch(open_image_source(args, 0, 1).batches(0), depth=2)  # a global: never closed by the program
+next(AHEAD)
+print("took a batch", flush=True)
+if sys.argv[2] == "raise":
+    raise SystemExit("the run failed after its first step")
+"""
+
+
+@pytest.mark.parametrize("how", ["return", "raise"])
+def test_exit_with_the_prefetch_and_decode_threads_running_is_clean(tmp_path, how):
+    """A program that ends (or fails) while the prefetch thread and the decode threads are still reading ahead,
+    without closing them, exits with its own status and no abort: the threads are stopped and joined before the
+    interpreter finalizes (a daemon thread still decoding at exit once aborted a run, "terminate called without
+    an active exception"; closing the generator in its ``finally`` alone came too late when the program raised).
+    """
+    script = tmp_path / "child.py"
+    script.write_text(EXIT_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for attempt in range(3):  # the abort is timing-dependent: exit at several points of the read-ahead
+        result = subprocess.run([sys.executable, str(script), str(tmp_path / f"data{attempt}"), how],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert "took a batch" in result.stdout, result.stderr
+        assert result.returncode == (0 if how == "return" else 1), result.stderr
+        assert "terminate called" not in result.stderr and "Fatal Python error" not in result.stderr, result.stderr
