@@ -533,3 +533,26 @@ def test_exit_with_the_prefetch_and_decode_threads_running_is_clean(tmp_path, ho
         assert "took a batch" in result.stdout, result.stderr
         assert result.returncode == (0 if how == "return" else 1), result.stderr
         assert "terminate called" not in result.stderr and "Fatal Python error" not in result.stderr, result.stderr
+
+
+def test_data_machinery_benchmark_runs_and_the_docs_quote_its_committed_figures(tmp_path):
+    """benchmarks/bench_data_machinery.py on 8 images: every route (own threads, prefetch, a DataLoader port)
+    gives the sequential route's pixels; the figures docs/development.md quotes are the committed results'."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_data_machinery.py"), "--images", "8",
+                             "--step_s", "0", "--resume_at", "4"], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert len(report["images"]) == 8 and all(r["same_pixels_as_sequential"] for r in report["images"].values())
+    assert report["truncated shard"]["own TarShards: samples read up to the cut"] > 0
+
+    committed = json.loads((repo / "benchmarks" / "results" / "data_machinery.json").read_text())
+    docs = (repo / "docs" / "development.md").read_text()
+    images, tars = committed["images"], committed["tars"]
+    quoted = [images["own, 2 threads + prefetch thread, 0.15s step"]["images_per_s"],
+              images["DataLoader, 2 worker processes, 0.15s step"]["images_per_s"],
+              tars["datasets webdataset (streaming, decode=False)"]["samples_per_s"],
+              tars["own TarShards"]["samples_per_s"], committed["truncated shard"]["own TarShards: samples read up to the cut"]]
+    for figure in quoted:
+        assert f"{figure:,}" in docs, figure
