@@ -160,8 +160,8 @@ def tokenize_prompts(tokenizer, prompts):
 def prompt_batches(prompts, tokenizer, sampler, start_batch=0):
     """Training batches ``{"prompts", "input_ids", "indices", "epoch"}`` for one rank, forever, starting
     after ``start_batch`` batches. Tokenized in the loop, without worker threads or a DataLoader: CLIP-tokenizing
-    a batch of 16 prompts takes about 6 ms on one shared CPU core (benchmarks/bench_data_machinery.py), under 1%
-    of a training step, so a pool had nothing to hide (it was removed; docs/development.md, "Libraries vs own
+    a batch of 16 prompts takes 6-8 ms on one loaded shared CPU core (benchmarks/bench_data_machinery.py), about 1%
+    of the fastest measured step (H200, batch 16: 0.73 s), so a pool had next to nothing to hide (it was removed; docs/development.md, "Libraries vs own
     code")."""
     for epoch, _, indices in sampler.batches(start_batch=start_batch):
         batch_prompts = [prompts[i] for i in indices]
