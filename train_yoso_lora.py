@@ -50,7 +50,7 @@ def build_parser():
                    help="Override the base scheduler's prediction_type (default: the base scheduler's; SD1.5: epsilon).")
     # Data
     add_data_arguments(p)
-    p.add_argument("--dataloader_num_workers", type=int, default=0, help="Threads that tokenize prompts or decode images.")
+    p.add_argument("--dataloader_num_workers", type=int, default=0, help="Threads that decode images (--train_data_dir / --dataset_name); prompts need none.")
     # Teacher
     add_teacher_arguments(p)
     p.add_argument("--teacher_latent_cache", default=None, metavar="DIR",

@@ -166,26 +166,13 @@ def tokenize_prompts(tokenizer, prompts):
                      return_tensors="pt").input_ids
 
 
-def prompt_batches(prompts, tokenizer, sampler, start_batch=0, num_workers=0):
+def prompt_batches(prompts, tokenizer, sampler, start_batch=0):
     """Training batches ``{"prompts", "input_ids", "indices", "epoch"}`` for one rank, forever, starting
-    after ``start_batch`` batches. With ``num_workers`` > 0, upcoming batches are tokenized in worker
-    threads (tokenizers release the GIL)."""
-
-    def make(epoch, indices):
+    after ``start_batch`` batches. Tokenized in the loop, without worker threads or a DataLoader: CLIP-tokenizing
+    a batch of 16 prompts takes 6-8 ms on one loaded shared CPU core (benchmarks/bench_data_machinery.py), about 1%
+    of the fastest measured step (H200, batch 16: 0.73 s), so a pool had next to nothing to hide (it was removed; docs/development.md, "Libraries vs own
+    code")."""
+    for epoch, _, indices in sampler.batches(start_batch=start_batch):
         batch_prompts = [prompts[i] for i in indices]
-        return {"prompts": batch_prompts, "input_ids": tokenize_prompts(tokenizer, batch_prompts),
-                "indices": indices, "epoch": epoch}
-
-    batches = sampler.batches(start_batch=start_batch)
-    if num_workers <= 0:
-        for epoch, _, indices in batches:
-            yield make(epoch, indices)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=num_workers) as pool:
-        pending = deque(pool.submit(make, epoch, indices) for (epoch, _, indices), _ in zip(batches, range(2 * num_workers)))
-        for epoch, _, indices in batches:
-            pending.append(pool.submit(make, epoch, indices))
-            yield pending.popleft().result()
+        yield {"prompts": batch_prompts, "input_ids": tokenize_prompts(tokenizer, batch_prompts),
+               "indices": indices, "epoch": epoch}

@@ -9,6 +9,13 @@ consecutive in the archive). A sample's "columns" are its member extensions; the
 Scanning a shard reads only the 512-byte tar headers and seeks over the member data, so a
 sample is a few integers (where its members lie) until someone reads it; a rank reads the bytes of
 its own samples only.
+
+Own reader, not datasets' ``webdataset`` loader (datasets 5.2.0, streaming; measured by
+``benchmarks/bench_data_machinery.py``, docs/development.md "Libraries vs own code"): 2,718 samples/s (scan and
+read every sample) against 1,051 with ``decode(False)`` and 103 decoding to PIL; resuming at sample 48 in 0.010 s
+(headers only) against 0.041 s for its ``skip`` (which reads every member before); a shard cut mid-member is read
+up to the cut here (33 whole samples, a warning) where the loader raises ``ReadError: unexpected end of data``;
+and the loader hands every rank every sample's bytes. ``webdataset`` is not a dependency.
 """
 
 import json

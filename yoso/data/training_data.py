@@ -11,18 +11,17 @@ class PromptData:
 
     kind = "prompts"
 
-    def __init__(self, prompts, batch_size, world_size, rank, seed, num_workers=0):
+    def __init__(self, prompts, batch_size, world_size, rank, seed):
         self.prompts = prompts
         self.sampler = ShardedPromptSampler(len(prompts), batch_size, world_size, rank, seed)
         self.batches_per_epoch = self.sampler.batches_per_epoch
-        self.num_workers = num_workers
         self.latent_cache = None
 
     def describe(self):
         return f"{len(self.prompts)} prompts"
 
     def batches(self, models, start_batch=0):
-        for batch in prompt_batches(self.prompts, models.tokenizer, self.sampler, start_batch, self.num_workers):
+        for batch in prompt_batches(self.prompts, models.tokenizer, self.sampler, start_batch):
             if self.latent_cache is not None:
                 batch["latents"] = self.latent_cache.latents(batch["epoch"], batch["indices"])
             yield batch
@@ -105,5 +104,4 @@ def open_training_data(args, prompts, accelerator):
         with accelerator.main_process_first():  # datasets prepares its cache once
             source = open_image_source(args, rank=accelerator.process_index, world_size=accelerator.num_processes)
         return ImageData(source, args.seed)
-    return PromptData(prompts, args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed,
-                      args.dataloader_num_workers)
+    return PromptData(prompts, args.train_batch_size, accelerator.num_processes, accelerator.process_index, args.seed)
