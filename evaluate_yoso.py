@@ -65,10 +65,6 @@ def build_parser():
 
 
 def check_args(args, parser):
-    for flag in ("num_prompts", "batch_size", "fid_resolution", "metrics_batch_size", "grid_prompts"):
-        value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "num_prompts" else 1):
-            parser.error(f"--{flag} must be >= {2 if flag == 'num_prompts' else 1}, got {value}")
     if args.latent_stats is not None and len(args.latent_stats) != len(args.lora):
         parser.error(f"--latent_stats takes one file per --lora: {len(args.lora)} LoRAs, {len(args.latent_stats)} files")
 

@@ -73,16 +73,10 @@ def check_args(args, parser):
         args.steps = DEFAULT_STEPS[args.mode]
     if args.mode in ONE_STEP_MODES and args.steps != 1:
         parser.error(f"--mode {args.mode} takes one step, not --steps {args.steps}")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.guidance_scale is None:
         args.guidance_scale = DEFAULT_GUIDANCE[args.mode]
-    if args.num_images_per_prompt < 1:
-        parser.error(f"--num_images_per_prompt must be >= 1, got {args.num_images_per_prompt}")
     if args.mode != "one_step_ipi" and (args.latent_stats or args.ipi_from_samples):
         parser.error("--latent_stats and --ipi_from_samples are for --mode one_step_ipi")
-    if args.ipi_from_samples is not None and args.ipi_from_samples < 1:
-        parser.error(f"--ipi_from_samples must be >= 1, got {args.ipi_from_samples}")
 
 
 def slug(text, limit=40):

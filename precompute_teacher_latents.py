@@ -33,7 +33,7 @@ without reading, decoding or encoding an image. The --teacher_* flags do not app
 import sys
 
 
-def parse_args(argv=None):
+def build_parser():
     from yoso.cli import HelpFormatter, OneLineErrorParser, add_data_arguments, add_model_arguments, add_teacher_arguments
 
     p = OneLineErrorParser(prog="precompute_teacher_latents.py", formatter_class=HelpFormatter,
@@ -54,7 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=16,
                    help="Prompts per teacher call, or images per VAE call: the training run's --train_batch_size "
                         "makes the cached latents bit-identical to on-the-fly ones (any other value: equal up to rounding).")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def refuse(error):

@@ -558,7 +558,7 @@ def test_bad_input_is_one_line_before_any_model(tiny_base, lora_dir, coco, fid_n
         (error("--modes", "lcm:2,x"), "--modes lcm:2,x"),
         (error("--modes", "one_step:2"), "takes one step"),
         (error(replace={"--num_prompts": 50}), "--num_prompts 50 is more than the 10"),
-        (error(replace={"--num_prompts": 1}), "--num_prompts must be >= 2"),
+        (error(replace={"--num_prompts": 1}), "--num_prompts 1: out of range, use a value >= 2"),
         (error(replace={"--reference_dir": tmp_path / "nope"}), "--reference_dir"),
         (error(replace={"--prompts": prompts_txt}), "--reference_images matched needs COCO"),
         (error("--modes", "one_step_ipi", replace={"--lora": bare}), "latent_stats.safetensors"),
