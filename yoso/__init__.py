@@ -22,8 +22,10 @@ One concept per module:
 - ``step``          one YOSO training step (the D update, the G update, EMA)
 - ``precision``     fp16 with two optimizers: D's own gradient scaler; fp16 refused without a GPU
 - ``checkpoint``    atomic checkpoint folders, ``latest``, pruning, the settings a resume must keep
+- ``interrupt``     Ctrl-C / SIGTERM stop at a step's end with one line; a full disk's one line
 - ``validation``    1-/2-step validation grids from the LoRA and its EMA
-- ``cli``           flags shared by the training and precompute scripts; one-line argparse errors (exit 2)
+- ``cli``           flags shared by the training and precompute scripts; one-line argparse errors (exit 2);
+                    the valid range of every numeric flag of every script
 - ``model_configs`` models' configs read without their weights (what the preflight checks)
 - ``checks``        command-line validation that fails in one line before any model loads
 - ``library_noise`` library notices that say nothing to a user, filtered by their exact text
