@@ -4,6 +4,17 @@
 #   -> accelerate launch train_yoso_lora.py -> inference_examples.py with the trained LoRA.
 # Usage: bash demo.sh [OUTPUT_DIR]     (default: demo_output)
 set -euo pipefail
+case "${1:-}" in
+  -h|--help)
+    echo "Usage: bash demo.sh [OUTPUT_DIR]"
+    echo "The whole job on tiny offline models, on CPU, in a few minutes: models and sample annotations,"
+    echo "prepare_journeydb.py, train_yoso_lora.py (30 steps), inference_examples.py (2-step LCM, 1-step IPI)."
+    echo "OUTPUT_DIR: where everything goes (default: demo_output)."
+    exit 0 ;;
+  -*)
+    echo "demo.sh: error: unknown option $1 (usage: bash demo.sh [OUTPUT_DIR]; see --help)" >&2
+    exit 2 ;;
+esac
 cd "$(dirname "$0")"
 OUT="${1:-demo_output}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

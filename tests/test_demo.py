@@ -4,6 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,3 +35,21 @@ def test_demo_runs_end_to_end(tmp_path):
              "skip_prk_steps", "was not found in config")
     found = [line for line in (result.stdout + result.stderr).splitlines() if any(text in line for text in noise)]
     assert not found, found
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_demo_help_prints_usage_and_creates_nothing(tmp_path, flag):
+    result = subprocess.run(["bash", str(REPO / "demo.sh"), flag], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: bash demo.sh [OUTPUT_DIR]") and result.stderr == ""
+    assert not (REPO / flag).exists() and list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_an_unknown_option_in_one_line(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "demo.sh"), "--outdir"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "demo.sh: error: unknown option --outdir (usage: bash demo.sh [OUTPUT_DIR]; see --help)"]
+    assert not (REPO / "--outdir").exists()

@@ -220,6 +220,9 @@ def save_checkpoint(accelerator, output_dir, step, total_limit, logger):
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from .atomic import follow_umask
+
+        follow_umask(tmp)  # safetensors writes 0600
         final = finalize(output_dir, step)
         for removed in prune(output_dir, total_limit):
             logger.info(f"removed old checkpoint {removed}")
