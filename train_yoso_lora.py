@@ -417,7 +417,9 @@ def train(args, checked, accelerator, output_dir, stop=None):
         skipped = int(accelerator.reduce(torch.tensor([data.skipped], device=accelerator.device), "sum").item())
         logger.info(f"unreadable images skipped (replaced by the next readable one): {skipped}")
     if accelerator.is_main_process:
-        save_final_outputs(run, output_dir, latent_stats, args, logger)
+        num_samples = len(data.prompts) if data.kind == "prompts" else (
+            getattr(data, "num_samples", None) or getattr(getattr(data, "source", None), "num_samples", None))
+        save_final_outputs(run, output_dir, latent_stats, args, logger, num_samples=num_samples)
         if args.push_to_hub:
             url = push_to_hub(output_dir, args.hub_model_id or default_repo_name(output_dir), token=args.hub_token,
                               args_dict=vars(args), num_processes=world)
