@@ -43,11 +43,11 @@ ACCELERATE_USE_CPU=true "$PY" -m accelerate.commands.launch --num_processes 1 --
   --validation_prompts "${VAL_PROMPTS[@]}" --validation_steps 15 --report_to tensorboard
 
 say "4/5 inference_examples.py: 2-step LCM with the trained LoRA"
-"$PY" inference_examples.py --base_model "$OUT/models/sd15" --lora "$OUT/lora" --mode lcm \
+"$PY" inference_examples.py --pretrained_model_name_or_path "$OUT/models/sd15" --lora "$OUT/lora" --mode lcm \
   --prompt_file "$OUT/data/train_anno_val.txt" --output_dir "$OUT/images/lcm_2step"
 
 say "5/5 inference_examples.py: 1 step with the informative prior (latent_stats.safetensors from training)"
-"$PY" inference_examples.py --base_model "$OUT/models/sd15" --lora "$OUT/lora" --mode one_step_ipi \
+"$PY" inference_examples.py --pretrained_model_name_or_path "$OUT/models/sd15" --lora "$OUT/lora" --mode one_step_ipi \
   --prompt_file "$OUT/data/train_anno_val.txt" --output_dir "$OUT/images/one_step_ipi"
 
 cat <<DONE

@@ -36,7 +36,7 @@ def numeric_flags():
     found = []
     for script, (build, _) in SCRIPTS.items():
         for action in build()._actions:
-            if is_numeric(action):
+            if is_numeric(action) and action.help != argparse.SUPPRESS:  # a hidden former name: its new one is here
                 kind = float if action.type is float or isinstance(action.default, float) else int
                 found.append((script, action.option_strings[-1], action.dest, kind))
     return found
@@ -136,3 +136,61 @@ def test_issue_values_stop_before_anything_is_created(tmp_path, capsys, flag, va
     assert len(lines) == 1 and f"{flag} {float(value) if '.' in value else value}" in lines[0], lines
     assert "out of range, use a value" in lines[0]
     assert not output_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---- one flag vocabulary (issue 21 item 3) -------------------------------------------------------------------
+
+# Flags that two scripts share with another default, and why; anything else shared must agree in type and default.
+DIFFERENT_DEFAULTS = {
+    "--pretrained_model_name_or_path": "inference_examples.py defaults to the release's base (Realistic Vision, the "
+                                       "authors' demo); prepare_journeydb.py takes it only for the tokenizer (default: "
+                                       "SD1.5's rebuilt offline)",
+    "--output_dir": "each script's own output (a run, a cache that must be named, an evaluation, samples)",
+    "--seed": "inference_examples.py uses the release's demo seed, 318",
+    "--num_train_epochs": "precompute_teacher_latents.py: epochs of latents to cache (1); train_yoso_lora.py: none "
+                          "unless given (--max_train_steps is the other way to say how long)",
+    "--lora": "evaluate_yoso.py requires one or more LoRAs; inference_examples.py defaults to the released one",
+}
+
+
+# Flags that take one value in one script and several in another (evaluation compares several).
+SEVERAL_VALUES = {
+    "--lora": "evaluate_yoso.py compares several LoRAs",
+    "--latent_stats": "evaluate_yoso.py: one statistics file per --lora",
+    "--steps": "evaluate_yoso.py evaluates several step counts",
+}
+
+
+def shared_flags():
+    seen = {}
+    for script, (build, _) in SCRIPTS.items():
+        for action in build()._actions:
+            if action.help == argparse.SUPPRESS:
+                continue
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    seen.setdefault(option, []).append((script, action))
+    return {flag: uses for flag, uses in seen.items() if len(uses) > 1}
+
+
+def test_a_flag_shared_by_two_scripts_has_one_type_and_default():
+    shared = shared_flags()
+    assert {"--pretrained_model_name_or_path", "--seed", "--resolution", "--train_batch_size"} <= set(shared)
+    for flag, uses in shared.items():
+        kinds = {(type(action).__name__, getattr(action.type, "__name__", None),
+                  None if flag in SEVERAL_VALUES else action.nargs) for _, action in uses}
+        assert len(kinds) == 1, (flag, kinds)
+        defaults = {repr(action.default) for _, action in uses}
+        assert len(defaults) == 1 or flag in DIFFERENT_DEFAULTS, (flag, [(s, a.default) for s, a in uses])
+    assert set(DIFFERENT_DEFAULTS) | set(SEVERAL_VALUES) <= set(shared)  # no stale reasons
+
+
+def test_former_flag_names_still_work_hidden():
+    args = inference_examples.build_parser().parse_args(["--base_model", "some/base"])
+    assert args.pretrained_model_name_or_path == "some/base"
+    args = evaluate_yoso.build_parser().parse_args(SCRIPTS["evaluate_yoso.py"][1] + ["--base_model", "b/c"])
+    assert args.pretrained_model_name_or_path == "b/c"
+    args = precompute_teacher_latents.build_parser().parse_args(["--output_dir", "c", "--num_epochs", "3"])
+    assert args.num_train_epochs == 3
+    for build, _ in SCRIPTS.values():
+        assert "--base_model" not in build().format_help() and "--num_epochs" not in build().format_help()

@@ -241,7 +241,7 @@ def test_card_snippets_run_and_match_inference_examples(run_dir, tiny_base, tmp_
         exec(compile(code, "model card snippet", "exec"), namespace)
         images.append(namespace["imgs"][0])
         assert isinstance(images[-1], Image.Image) and images[-1].size == (64, 64)
-    cli = inference_examples.main(["--base_model", tiny_base, "--lora", str(run_dir), "--device", "cpu", "--mode", "lcm",
+    cli = inference_examples.main(["--pretrained_model_name_or_path", tiny_base, "--lora", str(run_dir), "--device", "cpu", "--mode", "lcm",
                                    "--seed", "318", "--prompt", PROMPTS[0], "--output_dir", str(tmp_path / "cli")])
     pixels = [np.asarray(im.convert("RGB"), dtype=np.int16) for im in (images[0], Image.open(cli[0]))]
     assert np.abs(pixels[0] - pixels[1]).max() <= 1

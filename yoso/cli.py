@@ -90,7 +90,6 @@ NUMERIC_FLAG_RANGES = {
     "checkpoints_total_limit": AT_LEAST_1,
     "validation_steps": AT_LEAST_1,
     # precompute_teacher_latents.py
-    "num_epochs": AT_LEAST_1,
     "shard_size": AT_LEAST_1,
     # prepare_journeydb.py (--max_words >= --min_words is checked after parsing)
     "min_words": AT_LEAST_0,
