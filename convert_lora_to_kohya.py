@@ -66,7 +66,19 @@ def main(argv=None):
     for f in tqdm(files, desc="kohya export", unit="file", disable=len(files) < 2):
         written.append(save_kohya_lora(f))
         print(written[-1], flush=True)
+        record_in_run(Path(f).resolve(), Path(written[-1]).resolve())
     return written
+
+
+def record_in_run(lora_file, kohya_file):
+    """A kohya copy of a run's final LoRA joins the run's files (the model card and --push_to_hub name it)."""
+    from yoso.outputs.output_files import add_run_files, read_run_files
+
+    for output_dir in (lora_file.parent, lora_file.parent.parent):
+        known = read_run_files(output_dir)
+        if known is not None and lora_file.relative_to(output_dir).as_posix() in known:
+            add_run_files(output_dir, [kohya_file.relative_to(output_dir).as_posix()])
+            return
 
 
 if __name__ == "__main__":

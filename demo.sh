@@ -4,12 +4,17 @@
 #   -> accelerate launch train_yoso_lora.py -> inference_examples.py with the trained LoRA.
 # Usage: bash demo.sh [OUTPUT_DIR]     (default: demo_output)
 set -euo pipefail
-usage="Usage: bash demo.sh [OUTPUT_DIR]   (default: demo_output) -- tiny offline models, prepare, train 30 steps, sample"
 case "${1:-}" in
-  -h|--help) echo "$usage"; exit 0 ;;
-  -*) echo "demo.sh: error: unknown option $1. $usage" >&2; exit 2 ;;
+  -h|--help)
+    echo "Usage: bash demo.sh [OUTPUT_DIR]"
+    echo "The whole job on tiny offline models, on CPU, in a few minutes: models and sample annotations,"
+    echo "prepare_journeydb.py, train_yoso_lora.py (30 steps), inference_examples.py (2-step LCM, 1-step IPI)."
+    echo "OUTPUT_DIR: where everything goes (default: demo_output)."
+    exit 0 ;;
+  -*)
+    echo "demo.sh: error: unknown option $1 (usage: bash demo.sh [OUTPUT_DIR]; see --help)" >&2
+    exit 2 ;;
 esac
-[ "$#" -le 1 ] || { echo "demo.sh: error: one OUTPUT_DIR at most. $usage" >&2; exit 2; }
 cd "$(dirname "$0")"
 OUT="${1:-demo_output}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -38,11 +43,11 @@ ACCELERATE_USE_CPU=true "$PY" -m accelerate.commands.launch --num_processes 1 --
   --validation_prompts "${VAL_PROMPTS[@]}" --validation_steps 15 --report_to tensorboard
 
 say "4/5 inference_examples.py: 2-step LCM with the trained LoRA"
-"$PY" inference_examples.py --base_model "$OUT/models/sd15" --lora "$OUT/lora" --mode lcm \
+"$PY" inference_examples.py --pretrained_model_name_or_path "$OUT/models/sd15" --lora "$OUT/lora" --mode lcm \
   --prompt_file "$OUT/data/train_anno_val.txt" --output_dir "$OUT/images/lcm_2step"
 
 say "5/5 inference_examples.py: 1 step with the informative prior (latent_stats.safetensors from training)"
-"$PY" inference_examples.py --base_model "$OUT/models/sd15" --lora "$OUT/lora" --mode one_step_ipi \
+"$PY" inference_examples.py --pretrained_model_name_or_path "$OUT/models/sd15" --lora "$OUT/lora" --mode one_step_ipi \
   --prompt_file "$OUT/data/train_anno_val.txt" --output_dir "$OUT/images/one_step_ipi"
 
 cat <<DONE

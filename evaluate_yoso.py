@@ -1,6 +1,6 @@
 """FID and CLIP score of YOSO LoRAs on a prompt set, for every sampling mode of inference_examples.py.
 
-    python evaluate_yoso.py --base_model runwayml/stable-diffusion-v1-5 --lora yoso-lora-output \\
+    python evaluate_yoso.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --lora yoso-lora-output \\
         --prompts annotations/captions_val2014.json --num_prompts 5000 --reference_dir val2014 \\
         --reference_images matched --modes lcm:1,2,4 one_step_ipi --output_dir eval-coco5k
     accelerate launch --num_processes 8 evaluate_yoso.py ...      # the prompts shared out over 8 GPUs
@@ -16,6 +16,7 @@ networks) is written into both reports: see yoso/evaluation/metrics.py. Bad inpu
 ``evaluate_yoso.py: error: ...``, and exit status 2, before any model is loaded where it can be.
 """
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +31,10 @@ def build_parser():
     from yoso.evaluation.metrics import DEFAULT_CLIP_MODEL, FID_PROTOCOLS, FID_RESOLUTION
 
     p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter, description="FID and CLIP score of YOSO LoRAs for each sampling mode and step count.")
-    p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="SD1.5-family diffusers folder or hub id (default: %(default)s)")
+    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_BASE_MODEL,
+                   help="SD1.5-family diffusers folder or hub id: the base the LoRA was trained on (default: %(default)s)")
+    p.add_argument("--base_model", dest="pretrained_model_name_or_path", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the former name, still accepted
     p.add_argument("--lora", nargs="+", required=True, metavar="LORA",
                    help="one or more LoRAs: a training --output_dir or other folder with pytorch_lora_weights.safetensors, a .safetensors file, or a hub id")
     p.add_argument("--latent_stats", nargs="+", default=None, metavar="PATH",
@@ -68,10 +72,6 @@ def build_parser():
 
 
 def check_args(args, parser):
-    for flag in ("num_prompts", "batch_size", "fid_resolution", "metrics_batch_size", "grid_prompts"):
-        value = getattr(args, flag)
-        if value is not None and value < (2 if flag == "num_prompts" else 1):
-            parser.error(f"--{flag} must be >= {2 if flag == 'num_prompts' else 1}, got {value}")
     if args.latent_stats is not None and len(args.latent_stats) != len(args.lora):
         parser.error(f"--latent_stats takes one file per --lora: {len(args.lora)} LoRAs, {len(args.latent_stats)} files")
 
@@ -88,7 +88,7 @@ def plan_evaluation(args, device_spec):
     prompts = ev.read_prompts(args.prompts, args.num_prompts, args.prompt_seed)
     if len(prompts) < 2:
         raise ev.EvaluationError(f"--prompts {args.prompts} has {len(prompts)} prompt; FID needs at least 2")
-    yi.check_base_model(args.base_model)
+    yi.check_base_model(args.pretrained_model_name_or_path)
     loras = [yi.resolve_lora(spec) for spec in args.lora]
     lora_sha = [sha256_file(Path(s.location) / s.weight_name) if s.local_dir else None for s in loras]
 
@@ -125,7 +125,7 @@ def plan_evaluation(args, device_spec):
 
     output_dir = check_creatable(args.output_dir)
     device, dtype = yi.resolve_device_dtype(device_spec, args.dtype)
-    plan = ev.Plan(output_dir=output_dir, base_model=args.base_model, loras=loras, lora_sha256=lora_sha,
+    plan = ev.Plan(output_dir=output_dir, base_model=args.pretrained_model_name_or_path, loras=loras, lora_sha256=lora_sha,
                    latent_stats=latent_stats, prompts=prompts, runs=ev.make_runs(args.lora, mode_steps, args.guidance_scale),
                    seed=args.seed, lora_scale=args.lora_scale, dtype=str(dtype).replace("torch.", ""),
                    extra={"prompts": {"source": str(args.prompts), "prompt_seed": args.prompt_seed,
@@ -152,7 +152,7 @@ def load_models(plan, pending, device, dtype):
             stats[i] = load_latent_stats(plan.latent_stats[i][0])
             if stats[i][0].shape[0] != pipe.unet.config.in_channels:
                 raise yi.InferenceError(f"latent statistics {plan.latent_stats[i][0]} have {stats[i][0].shape[0]} channels, "
-                                        f"the UNet of --base_model {plan.base_model} takes {pipe.unet.config.in_channels}")
+                                        f"the UNet of --pretrained_model_name_or_path {plan.base_model} takes {pipe.unet.config.in_channels}")
     return pipe, stats
 
 

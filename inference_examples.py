@@ -12,6 +12,7 @@ LoRA have loaded, so an error leaves no empty folder behind. Bad input stops wit
 and exit status 2. The logic lives in yoso/evaluation/inference.py.
 """
 
+import argparse
 import json
 import re
 import sys
@@ -27,7 +28,10 @@ DEFAULT_PROMPT = "A photo of a man, XT3"
 
 def build_parser():
     p = OneLineErrorParser(prog=PROG, formatter_class=HelpFormatter, description="YOSO-LoRA inference: 2-step LCM or DPM-Solver, 1-step with the informative prior (IPI), or plain 1-step.")
-    p.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="SD1.5-family diffusers folder or hub id (default: %(default)s)")
+    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_BASE_MODEL,
+                   help="SD1.5-family diffusers folder or hub id: the base the LoRA was trained on (default: %(default)s)")
+    p.add_argument("--base_model", dest="pretrained_model_name_or_path", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the former name, still accepted
     p.add_argument("--lora", default=DEFAULT_LORA, help="folder with pytorch_lora_weights.safetensors, a .safetensors file, or a hub id (default: %(default)s)")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", nargs="+", metavar="TEXT", help=f"one or more prompts (default: {DEFAULT_PROMPT!r})")
@@ -73,16 +77,10 @@ def check_args(args, parser):
         args.steps = DEFAULT_STEPS[args.mode]
     if args.mode in ONE_STEP_MODES and args.steps != 1:
         parser.error(f"--mode {args.mode} takes one step, not --steps {args.steps}")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.guidance_scale is None:
         args.guidance_scale = DEFAULT_GUIDANCE[args.mode]
-    if args.num_images_per_prompt < 1:
-        parser.error(f"--num_images_per_prompt must be >= 1, got {args.num_images_per_prompt}")
     if args.mode != "one_step_ipi" and (args.latent_stats or args.ipi_from_samples):
         parser.error("--latent_stats and --ipi_from_samples are for --mode one_step_ipi")
-    if args.ipi_from_samples is not None and args.ipi_from_samples < 1:
-        parser.error(f"--ipi_from_samples must be >= 1, got {args.ipi_from_samples}")
 
 
 def slug(text, limit=40):
@@ -100,7 +98,7 @@ def run(args, prompts):
 
     # Everything that can be checked without a model first: these fail fast, in one line.
     source = yi.resolve_lora(args.lora)
-    yi.check_base_model(args.base_model)
+    yi.check_base_model(args.pretrained_model_name_or_path)
     stats_path = None
     if args.mode == "one_step_ipi" and args.ipi_from_samples is None:
         stats_path = yi.find_latent_stats(source, args.latent_stats)
@@ -113,9 +111,9 @@ def run(args, prompts):
     device, dtype = yi.resolve_device_dtype(args.device, args.dtype)
     output_dir = check_creatable(args.output_dir)
 
-    pipe = yi.load_pipeline(args.base_model, device, dtype)
+    pipe = yi.load_pipeline(args.pretrained_model_name_or_path, device, dtype)
     yi.set_scheduler(pipe, args.mode)
-    yi.load_lora(pipe, source, base_model=args.base_model, lora_scale=args.lora_scale, fuse=args.fuse_lora)
+    yi.load_lora(pipe, source, base_model=args.pretrained_model_name_or_path, lora_scale=args.lora_scale, fuse=args.fuse_lora)
     # Only now is there something to write: an error above leaves no empty folder behind.
     make_output_dir(output_dir)
 
@@ -126,7 +124,7 @@ def run(args, prompts):
         print(f"latent statistics from {args.ipi_from_samples} two-step samples: {stats_path}", file=sys.stderr)
         latent_stats = (mean, std)
 
-    settings = {"base_model": args.base_model, "lora": args.lora, "lora_scale": args.lora_scale, "fuse_lora": args.fuse_lora,
+    settings = {"base_model": args.pretrained_model_name_or_path, "lora": args.lora, "lora_scale": args.lora_scale, "fuse_lora": args.fuse_lora,
                 "mode": args.mode, "steps": args.steps, "guidance_scale": args.guidance_scale, "seed": args.seed,
                 "dtype": str(dtype).replace("torch.", ""), "latent_stats": str(stats_path) if stats_path else None}
     paths, images = [], []

@@ -3,7 +3,7 @@
 ``train_yoso_lora.py --teacher_latent_cache``.
 
     accelerate launch precompute_teacher_latents.py --pretrained_teacher_model stabilityai/sd-turbo \
-        --train_data train_anno.jsonl --resolution 512 --seed 0 --num_epochs 1 --output_dir teacher_cache
+        --train_data train_anno.jsonl --resolution 512 --seed 0 --num_train_epochs 1 --output_dir teacher_cache
 
 Use the same --train_data / --caption_column / --max_train_samples, --pretrained_model_name_or_path,
 --pretrained_teacher_model, --teacher_vae, --teacher_latent_transcode, --resolution, --teacher_num_inference_steps,
@@ -19,7 +19,7 @@ With images (--train_data_dir or --dataset_name, map-style: an imagefolder with 
 dataset without --streaming) it writes the base VAE's latents of the images instead, with their captions:
 
     accelerate launch precompute_teacher_latents.py --train_data_dir images --resolution 512 --random_flip \
-        --seed 0 --train_batch_size 16 --num_epochs 2 --output_dir image_cache
+        --seed 0 --train_batch_size 16 --num_train_epochs 2 --output_dir image_cache
 
 Use the training run's data flags (--train_data_dir / --dataset_name / --dataset_config_name / --image_column /
 --caption_column / --max_train_samples), --center_crop / --random_flip, --resolution, --seed,
@@ -30,10 +30,11 @@ without reading, decoding or encoding an image. The --teacher_* flags do not app
 --streaming) is refused: a cache needs an epoch order it can index.
 """
 
+import argparse
 import sys
 
 
-def parse_args(argv=None):
+def build_parser():
     from yoso.training.cli import HelpFormatter, OneLineErrorParser, add_data_arguments, add_model_arguments, add_teacher_arguments
 
     p = OneLineErrorParser(prog="precompute_teacher_latents.py", formatter_class=HelpFormatter,
@@ -48,13 +49,19 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="The training run's --mixed_precision (the teacher's dtype; default: accelerate's config).")
     p.add_argument("--output_dir", required=True, help="The cache folder (created; an unfinished one is resumed).")
-    p.add_argument("--num_epochs", type=int, default=1, help="Epochs of latents; training cycles through them.")
+    p.add_argument("--num_train_epochs", type=int, default=1, help="Epochs of latents; training cycles through them.")
+    p.add_argument("--num_epochs", dest="num_train_epochs", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the former name, still accepted
     p.add_argument("--shard_size", type=int, default=4096,
                    help="Prompts or images per shard file (rounded down to a multiple of --train_batch_size).")
     p.add_argument("--train_batch_size", type=int, default=16,
                    help="Prompts per teacher call, or images per VAE call: the training run's --train_batch_size "
                         "makes the cached latents bit-identical to on-the-fly ones (any other value: equal up to rounding).")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def refuse(error):
@@ -78,14 +85,14 @@ def check_existing_cache(args, settings):
             or existing["batch_size"] != args.train_batch_size:
         raise ArgumentError(f"--output_dir {args.output_dir} holds a cache made with other settings; "
                             "use an empty --output_dir for a new cache")
-    args.num_epochs = max(args.num_epochs, existing["num_epochs"])  # extending never shrinks a cache
+    args.num_train_epochs = max(args.num_train_epochs, existing["num_epochs"])  # extending never shrinks a cache
 
 
 def check_sizes(args):
     from yoso.utils.model_configs import ArgumentError
 
-    if args.num_epochs < 1 or args.shard_size < 1 or args.train_batch_size < 1:
-        raise ArgumentError("--num_epochs, --shard_size and --train_batch_size must be at least 1")
+    if args.num_train_epochs < 1 or args.shard_size < 1 or args.train_batch_size < 1:
+        raise ArgumentError("--num_train_epochs, --shard_size and --train_batch_size must be at least 1")
     args.shard_size = max(args.shard_size // args.train_batch_size, 1) * args.train_batch_size
 
 
@@ -129,11 +136,11 @@ def main(argv=None):
                                          plan.transcode, args.teacher_vae, args.revision, args.variant, args.cache_dir)
 
     per_epoch = num_shards(len(prompts), args.shard_size)
-    mine = len(range(accelerator.process_index, per_epoch * args.num_epochs, accelerator.num_processes))
+    mine = len(range(accelerator.process_index, per_epoch * args.num_train_epochs, accelerator.num_processes))
     bar = tqdm(total=mine * args.shard_size, unit="prompt", disable=not accelerator.is_local_main_process,
-               desc=f"teacher latents ({per_epoch * args.num_epochs} shards, {accelerator.num_processes} processes)")
+               desc=f"teacher latents ({per_epoch * args.num_train_epochs} shards, {accelerator.num_processes} processes)")
     try:
-        precompute_latents(args.output_dir, latent_source, prompts, settings, args.num_epochs, args.shard_size,
+        precompute_latents(args.output_dir, latent_source, prompts, settings, args.num_train_epochs, args.shard_size,
                            args.train_batch_size, accelerator.process_index, accelerator.num_processes, accelerator.device,
                            noise_dtype, accelerator.autocast, progress=bar.update)
     except LatentCacheError as error:
@@ -147,7 +154,7 @@ def main(argv=None):
 
         with safe_open(f"{args.output_dir}/{shard_file_name(0, 0)}", framework="pt") as f:
             latent_dtype = f.get_slice("latents")[0:1].dtype
-        info = write_cache_info(args.output_dir, settings, args.num_epochs, args.shard_size, args.train_batch_size,
+        info = write_cache_info(args.output_dir, settings, args.num_train_epochs, args.shard_size, args.train_batch_size,
                                 latent_dtype, noise_dtype, accelerator.mixed_precision)
         print(f"teacher-latent cache: {args.output_dir} ({info['num_prompts']} prompts x {info['num_epochs']} epochs, "
               f"{info['dtype']} latents {tuple(info['latent_shape'])})")
@@ -203,17 +210,17 @@ def main_images(args):
 
     count = settings["num_samples"]
     per_epoch = num_shards(count, args.shard_size)
-    work = [(e, s) for e in range(args.num_epochs) for s in range(per_epoch)][accelerator.process_index::accelerator.num_processes]
+    work = [(e, s) for e in range(args.num_train_epochs) for s in range(per_epoch)][accelerator.process_index::accelerator.num_processes]
     bar = tqdm(total=sum(min(args.shard_size, count - s * args.shard_size) for _, s in work), unit="image",
                disable=not accelerator.is_local_main_process,
-               desc=f"image latents ({per_epoch * args.num_epochs} shards, {accelerator.num_processes} processes)")
+               desc=f"image latents ({per_epoch * args.num_train_epochs} shards, {accelerator.num_processes} processes)")
     def source_of(batch_size):
         if batch_size not in sources:
             sources[batch_size] = open_source(batch_size)
         return sources[batch_size]
 
     try:
-        precompute_image_latents(args.output_dir, vae, source_of, settings, args.num_epochs, args.shard_size, args.train_batch_size,
+        precompute_image_latents(args.output_dir, vae, source_of, settings, args.num_train_epochs, args.shard_size, args.train_batch_size,
                                  accelerator.process_index, accelerator.num_processes, progress=bar.update)
     except (LatentCacheError, ImageDataError) as error:
         refuse(error)
@@ -224,7 +231,7 @@ def main_images(args):
 
         from yoso.data.latent_cache import shard_file_name
 
-        info = write_cache_info(args.output_dir, settings, args.num_epochs, args.shard_size, args.train_batch_size,
+        info = write_cache_info(args.output_dir, settings, args.num_train_epochs, args.shard_size, args.train_batch_size,
                                 torch.float32, torch.float32, accelerator.mixed_precision)
         replaced = 0
         for epoch in range(info["num_epochs"]):

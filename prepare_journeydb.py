@@ -38,7 +38,7 @@ PROG = "prepare_journeydb.py"
 INPUT_KINDS = ".jsonl, .jsonl.gz, .tgz/.tar.gz/.tar (streamed), .json (a list of records), .txt (a prompt a line)"
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(
         prog=PROG, formatter_class=HelpFormatter,
         description="Turn JourneyDB annotation files into a clean, deduplicated prompt file for train_yoso_lora.py.",
@@ -110,6 +110,11 @@ def parse_args(argv=None):
         help=f"--image_root's column of prompts (default: {DEFAULT_CAPTION_COLUMN})",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
     return args
@@ -126,14 +131,9 @@ def _check_args(parser, args):
             parser.error(f"input {path}: unknown file type; use {INPUT_KINDS}")
         if not os.access(path, os.R_OK):
             parser.error(f"input {path} is not readable: check its permissions")
-    if args.min_words < 0:
-        parser.error(f"--min_words {args.min_words}: use 0 or more")
-    if args.max_words is not None and args.max_words < max(1, args.min_words):
-        parser.error(f"--max_words {args.max_words}: use at least 1 and at least --min_words ({args.min_words})")
-    if args.max_samples is not None and args.max_samples < 1:
-        parser.error(f"--max_samples {args.max_samples}: use 1 or more, or leave it out for no limit")
-    if args.val_count < 0:
-        parser.error(f"--val_count {args.val_count}: use 0 or more")
+    # each flag's own range is checked by the parser (yoso.training.cli.NUMERIC_FLAG_RANGES)
+    if args.max_words is not None and args.max_words < args.min_words:
+        parser.error(f"--max_words {args.max_words}: use at least --min_words ({args.min_words})")
     if args.val_file is not None and not args.val_count:
         parser.error("--val_file is given but --val_count is 0: add --val_count N")
 

@@ -22,6 +22,7 @@ from yoso.training.cli import (BAD_INPUT, HelpFormatter, OneLineErrorParser, add
                       add_teacher_arguments)
 from yoso.data.prompts import PromptFileError
 from yoso.data.image_data import ImageDataError
+from yoso.training.interrupt import DiskFullError, Interrupted, StopRequest, free_space, interrupt_message, is_disk_full
 from yoso.data.latent_cache import LatentCacheError, check_cache_for_run
 from yoso.utils.library_noise import quiet_library_notices
 from yoso.method.lora import DEFAULT_TARGET_MODULES, LORA_INITS
@@ -131,6 +132,9 @@ def build_parser():
                         "less memory for D's graph, the same gradient.")
     # Checkpoints, validation, logging, hub
     p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-<step> folder every N optimizer steps.")
+    p.add_argument("--checkpoint_on_interrupt", action="store_true",
+                   help="On Ctrl-C (SIGINT) or SIGTERM, save a checkpoint at the step where training stops "
+                        "(default: off, the last regular checkpoint is the one to resume from).")
     p.add_argument("--checkpoints_total_limit", type=int, default=None,
                    help="Keep at most N checkpoints, deleting the oldest (default: keep all).")
     p.add_argument("--resume_from_checkpoint", default=None,
@@ -239,7 +243,25 @@ def main(argv=None):
         output_dir.mkdir(parents=True, exist_ok=True)
 
     try:
-        run = train(args, checked, accelerator, output_dir)
+        with StopRequest() as stop:
+            run = train(args, checked, accelerator, output_dir, stop)
+    except Interrupted as interrupt:
+        # Ctrl-C / SIGTERM: stopped at the end of an optimizer step (or at once, before the loop or on a second
+        # signal); checkpoints are whole or absent, the final outputs are not written.
+        if accelerator.is_main_process:
+            print(f"{PROG}: {interrupt_message(interrupt.step, latest_checkpoint(output_dir))}", file=sys.stderr)
+        finish_early(accelerator, created_output_dir, output_dir)
+        sys.exit(interrupt.exit_code)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        if not isinstance(error, DiskFullError):
+            error = f"no space left on the device while writing {error.filename or output_dir} " \
+                    f"({free_space(output_dir)} free there)"
+        if accelerator.is_main_process:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+        finish_early(accelerator, created_output_dir, output_dir)
+        sys.exit(FAILED)
     except (PromptFileError, ImageDataError) as error:
         # Data found unusable when it opens (an image dataset's row count is known only then), before any
         # model loads: leave no empty output folder behind.
@@ -266,7 +288,17 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def train(args, checked, accelerator, output_dir):
+def finish_early(accelerator, created_output_dir, output_dir):
+    """Free the models and close the trackers of a run that stops before its end; an output folder this run
+    created and left empty is removed."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    if created_output_dir and output_dir.is_dir() and not any(output_dir.iterdir()):
+        output_dir.rmdir()
+
+
+def train(args, checked, accelerator, output_dir, stop=None):
     """Build, resume, loop, save. Returns the run (its models still alive) for the caller to free."""
     from tqdm.auto import tqdm
 
@@ -328,6 +360,8 @@ def train(args, checked, accelerator, output_dir):
     losses = LossAverager(accelerator, args.gradient_accumulation_steps)
     run.unet.train()
     run.discriminator.train()
+    stop = stop or StopRequest()
+    stop.step, stop.defer = state.global_step, True  # a signal now stops the loop at the end of its optimizer step
     try:
         while state.global_step < max_train_steps:
             batch = next(batches)
@@ -366,7 +400,14 @@ def train(args, checked, accelerator, output_dir):
                                                    state.global_step, output_dir)
                     logger.info(f"validation images: {path}")
                 accelerator.wait_for_everyone()
+            stop.step = state.global_step
+            signum = stop.requested(accelerator)  # every process stops at the same step
+            if signum:
+                if args.checkpoint_on_interrupt and state.global_step % args.checkpointing_steps:
+                    save_checkpoint(accelerator, output_dir, state.global_step, args.checkpoints_total_limit, logger)
+                raise Interrupted(signum, state.global_step)
     finally:
+        stop.defer = False
         progress.close()
         batches.close()  # joins the data's reader threads now, not at interpreter exit
 
@@ -376,7 +417,9 @@ def train(args, checked, accelerator, output_dir):
         skipped = int(accelerator.reduce(torch.tensor([data.skipped], device=accelerator.device), "sum").item())
         logger.info(f"unreadable images skipped (replaced by the next readable one): {skipped}")
     if accelerator.is_main_process:
-        save_final_outputs(run, output_dir, latent_stats, args, logger)
+        num_samples = len(data.prompts) if data.kind == "prompts" else (
+            getattr(data, "num_samples", None) or getattr(getattr(data, "source", None), "num_samples", None))
+        save_final_outputs(run, output_dir, latent_stats, args, logger, num_samples=num_samples)
         if args.push_to_hub:
             url = push_to_hub(output_dir, args.hub_model_id or default_repo_name(output_dir), token=args.hub_token,
                               args_dict=vars(args), num_processes=world)

@@ -223,7 +223,7 @@ def coco(tmp_path_factory):
 
 def base_argv(tiny_base, lora_dir, coco, fid_net, tiny_clip, output_dir, *extra, replace_lora=None):
     loras = replace_lora or [lora_dir]
-    return ["--base_model", tiny_base, "--lora", *loras, "--prompts", coco[0], "--num_prompts", NUM_PROMPTS,
+    return ["--pretrained_model_name_or_path", tiny_base, "--lora", *loras, "--prompts", coco[0], "--num_prompts", NUM_PROMPTS,
             "--prompt_seed", 5, "--reference_dir", coco[1], "--reference_images", "matched", "--seed", SEED,
             "--fid_feature_net", fid_net, "--clip_model", tiny_clip, "--device", "cpu", "--batch_size", 4,
             "--output_dir", output_dir, *extra]
@@ -442,7 +442,7 @@ def test_one_step_ipi_images_are_those_of_inference_examples(evaluated, tiny_bas
     prompts = [json.loads(line) for line in (out / ev.PROMPTS_NAME).read_text().splitlines()]
     k = 3
     mode, run_dir = "one_step_ipi", "one_step_ipi-1step"
-    paths = inference_examples.main(["--base_model", str(tiny_base), "--lora", str(lora_dir), "--mode", mode, "--seed", str(SEED + k),
+    paths = inference_examples.main(["--pretrained_model_name_or_path", str(tiny_base), "--lora", str(lora_dir), "--mode", mode, "--seed", str(SEED + k),
                                      "--prompt", prompts[k]["prompt"], "--device", "cpu", "--output_dir", str(tmp_path / "ie")])
     assert np.abs(pixels(paths[0]) - pixels(out / "images" / "yoso-lora-output" / run_dir / f"{k:05d}.png")).max() <= 1
 
@@ -458,7 +458,7 @@ def test_two_loras_each_run_uses_its_own_lora_at_its_scale(tiny_base, lora_dir, 
     prompts = [json.loads(line) for line in (out / ev.PROMPTS_NAME).read_text().splitlines()]
     k = 1
     for lora, run in zip([lora_dir, other], report["runs"]):
-        expected = inference_examples.main(["--base_model", str(tiny_base), "--lora", str(lora), "--mode", "lcm", "--steps", "1",
+        expected = inference_examples.main(["--pretrained_model_name_or_path", str(tiny_base), "--lora", str(lora), "--mode", "lcm", "--steps", "1",
                                             "--lora_scale", "0.7", "--seed", str(SEED + k), "--prompt", prompts[k]["prompt"],
                                             "--device", "cpu", "--output_dir", str(tmp_path / run["lora_name"])])[0]
         assert np.abs(pixels(expected) - pixels(out / run["images"] / f"{k:05d}.png")).max() <= 1
@@ -570,7 +570,7 @@ def test_bad_input_is_one_line_before_any_model(tiny_base, lora_dir, coco, fid_n
         (error("--modes", "lcm:2,x"), "--modes lcm:2,x"),
         (error("--modes", "one_step:2"), "takes one step"),
         (error(replace={"--num_prompts": 50}), "--num_prompts 50 is more than the 10"),
-        (error(replace={"--num_prompts": 1}), "--num_prompts must be >= 2"),
+        (error(replace={"--num_prompts": 1}), "--num_prompts 1: out of range, use a value >= 2"),
         (error(replace={"--reference_dir": tmp_path / "nope"}), "--reference_dir"),
         (error(replace={"--prompts": prompts_txt}), "--reference_images matched needs COCO"),
         (error("--modes", "one_step_ipi", replace={"--lora": bare}), "latent_stats.safetensors"),
@@ -598,7 +598,7 @@ def test_lora_that_does_not_fit_leaves_no_output_dir(tiny_teacher, lora_dir, coc
     # The SD-Turbo-shaped teacher has other attention widths: the LoRA's shapes do not fit its UNet.
     out = tmp_path / "new" / "out"
     line = cli_error(base_argv(tiny_teacher, lora_dir, coco, fid_net, tiny_clip, out), capsys)
-    assert f"--lora {lora_dir} does not fit --base_model {tiny_teacher}" in line
+    assert f"--lora {lora_dir} does not fit --pretrained_model_name_or_path {tiny_teacher}" in line
     assert not out.parent.exists()
 
 

@@ -222,7 +222,7 @@ def test_ipi_latents_are_what_reaches_the_unet(tiny_base, lora_dir):
 @pytest.mark.parametrize("mode", ["lcm", "dpm", "one_step_ipi", "one_step"])
 def test_every_mode_writes_images_and_grid(mode, tiny_base, lora_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    paths = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--mode", mode, "--prompt", PROMPT,
+    paths = run_cli(["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--mode", mode, "--prompt", PROMPT,
                      "--num_images_per_prompt", 2, "--device", "cpu", "--output_dir", out], capsys)
     names = [p.name for p in paths]
     assert names == ["000_00_a-photo-of-a-man-xt3.png", "000_01_a-photo-of-a-man-xt3.png", "grid.png"]
@@ -241,7 +241,7 @@ def test_every_mode_writes_images_and_grid(mode, tiny_base, lora_dir, tmp_path, 
 def test_prompt_file_gives_a_grid_row_per_prompt(tiny_base, lora_dir, tmp_path, capsys):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a red fox\n\nA photo of a man, XT3\n", encoding="utf-8")
-    paths = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--prompt_file", prompt_file, "--device", "cpu",
+    paths = run_cli(["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--prompt_file", prompt_file, "--device", "cpu",
                      "--output_dir", tmp_path / "out"], capsys)
     assert [p.name for p in paths] == ["000_00_a-red-fox.png", "001_00_a-photo-of-a-man-xt3.png", "grid.png"]
     grid = pixels(paths[-1])
@@ -250,7 +250,7 @@ def test_prompt_file_gives_a_grid_row_per_prompt(tiny_base, lora_dir, tmp_path, 
 
 
 def test_lora_changes_the_output_and_lora_scale_zero_is_the_base(tiny_base, lora_dir, base_only_image, tmp_path):
-    common = ["--base_model", tiny_base, "--lora", lora_dir, "--mode", "lcm", "--seed", 318, "--prompt", PROMPT, "--device", "cpu"]
+    common = ["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--mode", "lcm", "--seed", 318, "--prompt", PROMPT, "--device", "cpu"]
     with_lora = pixels(run_cli(common + ["--output_dir", tmp_path / "lora"])[0])
     assert np.abs(with_lora - base_only_image).mean() > 5, "the LoRA changes the image"
     scale_zero = pixels(run_cli(common + ["--lora_scale", 0, "--output_dir", tmp_path / "zero"])[0])
@@ -258,7 +258,7 @@ def test_lora_changes_the_output_and_lora_scale_zero_is_the_base(tiny_base, lora
 
 
 def test_fuse_lora_gives_the_unfused_image(tiny_base, lora_dir, base_only_image, tmp_path):
-    common = ["--base_model", tiny_base, "--lora", lora_dir, "--mode", "lcm", "--seed", 318, "--device", "cpu", "--lora_scale", 0.6]
+    common = ["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--mode", "lcm", "--seed", 318, "--device", "cpu", "--lora_scale", 0.6]
     # The unfused run has PROMPT second in a list, the fused one alone: each prompt gets its own generator
     # seeded with --seed, so a prompt's image does not depend on the prompts before it.
     unfused = pixels(run_cli(common + ["--prompt", "a red fox", PROMPT, "--output_dir", tmp_path / "unfused"])[1])
@@ -282,7 +282,7 @@ def test_fused_pipeline_matches_unfused_in_float(tiny_base, lora_dir):
 
 
 def test_one_step_ipi_reads_the_stats(tiny_base, lora_dir, tmp_path):
-    common = ["--base_model", tiny_base, "--lora", lora_dir, "--mode", "one_step_ipi", "--prompt", PROMPT, "--device", "cpu"]
+    common = ["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--mode", "one_step_ipi", "--prompt", PROMPT, "--device", "cpu"]
     beside = run_cli(common + ["--output_dir", tmp_path / "beside"])[0]
     with Image.open(beside) as image:
         assert str(Path(lora_dir) / LATENT_STATS_NAME) in image.text["parameters"]
@@ -290,17 +290,17 @@ def test_one_step_ipi_reads_the_stats(tiny_base, lora_dir, tmp_path):
     other = ls.save_latent_stats(tmp_path / "other.safetensors", mean + 3.0, std * 0.1, 8)
     explicit = run_cli(common + ["--latent_stats", other, "--output_dir", tmp_path / "explicit"])[0]
     assert np.abs(pixels(explicit) - pixels(beside)).mean() > 2, "other statistics, another image"
-    plain = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--mode", "one_step", "--prompt", PROMPT,
+    plain = run_cli(["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--mode", "one_step", "--prompt", PROMPT,
                      "--device", "cpu", "--output_dir", tmp_path / "plain"])[0]
     assert not np.array_equal(pixels(plain), pixels(beside))
 
 
 def test_one_step_ipi_without_stats_says_how_to_get_them(lora_dir, tiny_base, tmp_path, capsys, no_model_loading):
     bare = lora_only_copy(lora_dir, tmp_path / "bare")
-    line = cli_error(["--base_model", tiny_base, "--lora", bare, "--mode", "one_step_ipi", "--output_dir", tmp_path / "o"], capsys)
+    line = cli_error(["--pretrained_model_name_or_path", tiny_base, "--lora", bare, "--mode", "one_step_ipi", "--output_dir", tmp_path / "o"], capsys)
     assert LATENT_STATS_NAME in line and "train_yoso_lora.py" in line
     assert "--latent_stats" in line and "--ipi_from_samples" in line
-    line = cli_error(["--base_model", tiny_base, "--lora", lora_dir, "--mode", "one_step_ipi",
+    line = cli_error(["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--mode", "one_step_ipi",
                       "--latent_stats", tmp_path / "nope.safetensors"], capsys)
     assert "nope.safetensors: no such file" in line
 
@@ -308,7 +308,7 @@ def test_one_step_ipi_without_stats_says_how_to_get_them(lora_dir, tiny_base, tm
 def test_ipi_from_samples_computes_and_saves_stats(lora_dir, tiny_base, tmp_path, capsys):
     bare = lora_only_copy(lora_dir, tmp_path / "bare")
     out = tmp_path / "out"
-    paths = run_cli(["--base_model", tiny_base, "--lora", bare, "--mode", "one_step_ipi", "--ipi_from_samples", 3,
+    paths = run_cli(["--pretrained_model_name_or_path", tiny_base, "--lora", bare, "--mode", "one_step_ipi", "--ipi_from_samples", 3,
                      "--prompt", PROMPT, "--device", "cpu", "--output_dir", out], capsys)
     assert [p.name for p in paths] == ["000_00_a-photo-of-a-man-xt3.png", "grid.png"]
     stats = out / LATENT_STATS_NAME
@@ -327,7 +327,7 @@ def test_ipi_from_samples_computes_and_saves_stats(lora_dir, tiny_base, tmp_path
 
 def test_bad_lora_paths_fail_before_loading_the_model(tiny_base, lora_dir, tmp_path, capsys, no_model_loading):
     def error(lora, *extra):
-        return cli_error(["--base_model", tiny_base, "--lora", lora, *extra], capsys)
+        return cli_error(["--pretrained_model_name_or_path", tiny_base, "--lora", lora, *extra], capsys)
 
     assert "no such file or folder" in error(tmp_path / "missing")
     empty = tmp_path / "empty"
@@ -342,8 +342,8 @@ def test_bad_lora_paths_fail_before_loading_the_model(tiny_base, lora_dir, tmp_p
     assert "is not a readable safetensors file" in error(junk)
     full_unet = Path(tiny_base) / "unet" / "diffusion_pytorch_model.safetensors"
     assert "holds no LoRA tensors" in error(full_unet)
-    assert "no such folder" in cli_error(["--base_model", tmp_path / "no_base", "--lora", lora_dir], capsys)
-    assert "not a diffusers pipeline folder" in cli_error(["--base_model", tmp_path, "--lora", lora_dir], capsys)
+    assert "no such folder" in cli_error(["--pretrained_model_name_or_path", tmp_path / "no_base", "--lora", lora_dir], capsys)
+    assert "not a diffusers pipeline folder" in cli_error(["--pretrained_model_name_or_path", tmp_path, "--lora", lora_dir], capsys)
     assert "takes one step" in error(lora_dir, "--mode", "one_step", "--steps", 2)
     assert "are for --mode one_step_ipi" in error(lora_dir, "--ipi_from_samples", 4)
     assert "not overwritten" in error(lora_dir, "--mode", "one_step_ipi", "--ipi_from_samples", 4, "--output_dir", lora_dir)
@@ -358,8 +358,8 @@ def test_bad_lora_paths_fail_before_loading_the_model(tiny_base, lora_dir, tmp_p
 
 def test_lora_that_does_not_fit_the_base_model(tiny_teacher, tiny_base, lora_dir, tmp_path, capsys):
     # The SD-Turbo-shaped teacher: other text width and linear projections, so the LoRA's shapes differ.
-    line = cli_error(["--base_model", tiny_teacher, "--lora", lora_dir, "--device", "cpu", "--output_dir", tmp_path / "o"], capsys)
-    assert line.startswith(f"inference_examples.py: error: --lora {lora_dir} does not fit --base_model {tiny_teacher}: size mismatch")
+    line = cli_error(["--pretrained_model_name_or_path", tiny_teacher, "--lora", lora_dir, "--device", "cpu", "--output_dir", tmp_path / "o"], capsys)
+    assert line.startswith(f"inference_examples.py: error: --lora {lora_dir} does not fit --pretrained_model_name_or_path {tiny_teacher}: size mismatch")
     # LoRA keys for modules this UNet does not have (diffusers would only warn and drop them).
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -371,12 +371,12 @@ def test_lora_that_does_not_fit_the_base_model(tiny_teacher, tiny_base, lora_dir
     extra = {k.replace("unet.down_blocks.0.", "unet.down_blocks.5."): v.clone() for k, v in state.items() if k.startswith("unet.down_blocks.0.")}
     bigger = tmp_path / "bigger.safetensors"
     save_file({**state, **extra}, str(bigger), metadata=metadata)
-    line = cli_error(["--base_model", tiny_base, "--lora", bigger, "--device", "cpu", "--output_dir", tmp_path / "o"], capsys)
+    line = cli_error(["--pretrained_model_name_or_path", tiny_base, "--lora", bigger, "--device", "cpu", "--output_dir", tmp_path / "o"], capsys)
     assert "does not fit" in line and "are not in the UNet, e.g. down_blocks.5." in line
 
 
 def test_unavailable_hub_lora_is_one_line(tiny_base, tmp_path, capsys):
-    line = cli_error(["--base_model", tiny_base, "--lora", "nobody-here/no-such-lora", "--device", "cpu",
+    line = cli_error(["--pretrained_model_name_or_path", tiny_base, "--lora", "nobody-here/no-such-lora", "--device", "cpu",
                       "--output_dir", tmp_path / "o"], capsys)
     assert line.startswith("inference_examples.py: error: could not load --lora nobody-here/no-such-lora (not a local file or folder, tried as a hub id)")
 
@@ -387,7 +387,7 @@ def test_error_after_the_pipeline_loads_leaves_no_output_dir(failure, tiny_base,
     # before there is something to write into it (issue 12.10).
     base, lora = (tiny_teacher, lora_dir) if failure == "misfit_lora" else (tiny_base, "nobody-here/no-such-lora")
     out = tmp_path / "not_yet" / "out"
-    line = cli_error(["--base_model", base, "--lora", lora, "--device", "cpu", "--output_dir", out], capsys)
+    line = cli_error(["--pretrained_model_name_or_path", base, "--lora", lora, "--device", "cpu", "--output_dir", out], capsys)
     assert ("does not fit" if failure == "misfit_lora" else "could not load --lora") in line
     assert not out.exists() and not out.parent.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -484,7 +484,7 @@ def test_readme_python_snippet_runs_and_matches_the_script(index, tiny_base, lor
     assert namespace["dtype"] == (torch.float16 if device == "cuda" else torch.float32)
     if not torch.cuda.is_available():
         assert device == "cpu" and namespace["pipeline"].unet.dtype == torch.float32
-    cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
+    cli = run_cli(["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
                    *PY_SNIPPETS[index][1]])
     assert np.abs(pixels(cli[0]) - pixels(image)).max() <= 1, "the script gives the snippet's image"
 
@@ -496,11 +496,11 @@ def test_readme_command_runs(index, tiny_base, lora_dir, tmp_path, capsys):
     argv = argv[2:]
     assert "--lora" in argv and argv[argv.index("--lora") + 1] in LORA_IDS
     argv[argv.index("--lora") + 1] = str(lora_dir)
-    if "--base_model" in argv:
-        assert argv[argv.index("--base_model") + 1] in BASE_IDS
-        argv[argv.index("--base_model") + 1] = str(tiny_base)
+    if "--pretrained_model_name_or_path" in argv:
+        assert argv[argv.index("--pretrained_model_name_or_path") + 1] in BASE_IDS
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(tiny_base)
     else:  # the default, realistic-vision-v51
-        argv += ["--base_model", str(tiny_base)]
+        argv += ["--pretrained_model_name_or_path", str(tiny_base)]
     assert "--output_dir" in argv
     argv[argv.index("--output_dir") + 1] = str(tmp_path / "out")
     paths = run_cli(argv + ["--device", "cpu"], capsys)
@@ -540,7 +540,7 @@ def test_readme_snippet_runs_as_written_and_matches_the_script(tiny_base, lora_d
     saved = Image.open(tmp_path / "man.png")
     assert saved.size == (SIZE, SIZE) and np.array_equal(pixels(saved), pixels(namespace["image"]))
     # The first docs/inference.md snippet's settings: the script gives the same image on the same device.
-    cli = run_cli(["--base_model", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
+    cli = run_cli(["--pretrained_model_name_or_path", tiny_base, "--lora", lora_dir, "--device", device, "--output_dir", tmp_path / "cli",
                    *PY_SNIPPETS[0][1]])
     assert np.abs(pixels(cli[0]) - pixels(saved)).max() <= 1, "the script gives the snippet's image"
 

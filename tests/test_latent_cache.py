@@ -196,7 +196,7 @@ def prompts_file(tmp_path_factory):
 def precompute_args(base, teacher, prompts_file, output_dir, **extra):
     args = ["--pretrained_model_name_or_path", base, "--pretrained_teacher_model", teacher, "--train_data", prompts_file,
             "--resolution", "64",
-            "--seed", "0", "--output_dir", output_dir, "--num_epochs", "2", "--shard_size", "10", "--train_batch_size", "4"]
+            "--seed", "0", "--output_dir", output_dir, "--num_train_epochs", "2", "--shard_size", "10", "--train_batch_size", "4"]
     for key, value in extra.items():
         args += [f"--{key}", str(value)]
     return args
@@ -449,7 +449,7 @@ def write_image_folder(folder, captions=None):
 
 def image_cache_args(base, folder, output_dir, **extra):
     args = ["--pretrained_model_name_or_path", base, "--train_data_dir", folder, "--resolution", "64", "--random_flip",
-            "--seed", "0", "--train_batch_size", "4", "--shard_size", "8", "--num_epochs", "2", "--output_dir", output_dir]
+            "--seed", "0", "--train_batch_size", "4", "--shard_size", "8", "--num_train_epochs", "2", "--output_dir", output_dir]
     for key, value in extra.items():
         args += [f"--{key}"] + ([] if value is True else [str(value)])
     return [str(a) for a in args]

@@ -173,7 +173,8 @@ def test_card_header_fields(run_dir, tiny_base):
                           (str(tiny_base), "other")):
         meta, body = split_card(model_card_text(run_dir, train_args(base, run_dir)))
         expected = {"license": license, "library_name": "diffusers", "pipeline_tag": "text-to-image",
-                    "tags": ["text-to-image", "diffusers", "lora", "yoso"], "inference": True}
+                    "tags": ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers",
+                             "diffusers-training", "lora", "yoso"], "inference": True}
         if base != str(tiny_base):
             expected["base_model"] = base  # a hub id; a local folder is no valid base_model
         assert meta == expected, base
@@ -246,7 +247,7 @@ def test_card_snippets_run_and_match_inference_examples(run_dir, tiny_base, tmp_
             assert device == "cpu" and namespace["pipeline"].unet.dtype == torch.float32
         images.append(namespace["imgs"][0])
         assert isinstance(images[-1], Image.Image) and images[-1].size == (64, 64)
-    cli = inference_examples.main(["--base_model", tiny_base, "--lora", str(run_dir), "--device", device, "--mode", "lcm",
+    cli = inference_examples.main(["--pretrained_model_name_or_path", tiny_base, "--lora", str(run_dir), "--device", device, "--mode", "lcm",
                                    "--seed", "318", "--prompt", PROMPTS[0], "--output_dir", str(tmp_path / "cli")])
     pixels = [np.asarray(im.convert("RGB"), dtype=np.int16) for im in (images[0], Image.open(cli[0]))]
     assert np.abs(pixels[0] - pixels[1]).max() <= 1
@@ -264,3 +265,69 @@ def test_card_without_optional_outputs(tiny_base, tmp_path):
     assert "## Validation" not in body and "non_ema" not in body and "kohya" not in body and "latent_stats" not in body
     assert len(python_blocks(body)) == 1 and '"A photo of a man, XT3"' in body
     assert hub_files(tmp_path) == {LORA_WEIGHT_NAME: LORA_WEIGHT_NAME}
+
+
+# ---- what the run used, and only its files (issue 20) --------------------------------------------------------
+
+
+def settings_table(body):
+    return dict(re.findall(r"^\| `--(\w+)` \| (.*) \|$", body, flags=re.M))
+
+
+def test_card_of_an_image_data_run_describes_the_images_not_a_teacher(run_dir, tiny_base):
+    args = train_args("runwayml/stable-diffusion-v1-5", run_dir, "--train_data_dir", "/data/pets", "--caption_column",
+                      "caption", "--center_crop", "--random_flip", "--resolution", "256", "--max_train_samples", "12")
+    _, body = split_card(model_card_text(run_dir, args, num_processes=2, num_samples=12))
+    training = body.split("## Training", 1)[1].split("## License", 1)[0]
+    assert "- Teacher: none; the training latents are the base VAE's encodings of the images." in training
+    assert ("- Data: images with captions from the folder `/data/pets`: image column `image`, caption column "
+            "`caption`; 256 px, center crop, random horizontal flip; 12 samples.") in training
+    assert "global batch 32 images" in training
+    assert "sd-turbo" not in body and "train_anno.jsonl" not in body and "None" not in body
+    settings = settings_table(body)
+    assert settings["train_data_dir"] == "`/data/pets`" and settings["center_crop"] == "on"
+    assert settings["random_flip"] == "on" and settings["caption_column"] == "`caption`"
+    assert not {"pretrained_teacher_model", "train_data", "teacher_num_inference_steps"} & set(settings)
+    license_section = body.split("## License", 1)[1]
+    assert "teacher" not in license_section and "training images' license" in license_section
+    # A hub dataset, defaults (random crop, no flip), count unknown (a stream).
+    args = train_args("runwayml/stable-diffusion-v1-5", run_dir, "--dataset_name", "lambdalabs/pokemon",
+                      "--dataset_config_name", "small", "--streaming")
+    _, body = split_card(model_card_text(run_dir, args))
+    assert ("images with captions from the dataset `lambdalabs/pokemon` (configuration `small`), streamed: image column "
+            "`image`, caption column `text (txt for tar shards)`; 512 px, random crop, no flip. ") in body
+    assert settings_table(body)["dataset_name"] == "`lambdalabs/pokemon`"
+
+
+@pytest.mark.parametrize("train_data,caption_column,field", [
+    ("prompts.txt", None, ""), ("train_anno.jsonl", None, " (field `prompt`)"), ("p.jsonl", "text", " (field `text`)")])
+def test_card_of_a_prompt_run_names_the_field_it_read(run_dir, train_data, caption_column, field):
+    extra = ["--train_data", train_data] + (["--caption_column", caption_column] if caption_column else [])
+    _, body = split_card(model_card_text(run_dir, train_args("runwayml/stable-diffusion-v1-5", run_dir, *extra),
+                                         num_samples=48))
+    assert f"- Data: prompts from `{train_data}`{field}, 48 samples; the training reads prompt text only." in body
+    assert "`None`" not in body
+
+
+def test_card_and_upload_leave_out_files_an_earlier_run_left(run_dir, tmp_path):
+    """A rerun without --save_kohya and without EMA into the same folder: the old kohya and non_ema files stay on
+    disk, but the card and the upload name only what this run wrote (yoso_run_files.json)."""
+    from yoso.outputs.output_files import RUN_FILES_NAME, read_run_files, write_run_files
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    write_run_files(out, [LORA_WEIGHT_NAME, "latent_stats.safetensors"])
+    args = train_args("runwayml/stable-diffusion-v1-5", out)
+    args.update(use_ema=False)
+    write_model_card(out, args)
+    _, body = split_card((out / "README.md").read_text())
+    assert "kohya" not in body and "non_ema" not in body
+    assert set(hub_files(out)) == {"README.md", LORA_WEIGHT_NAME, "latent_stats.safetensors", "validation/README.txt",
+                                   "validation/step-000003.png", "validation/step-000010.png"}
+    assert RUN_FILES_NAME not in hub_files(out)
+    # convert_lora_to_kohya.py later: its kohya copy of the run's LoRA joins the run's files, and the upload.
+    import convert_lora_to_kohya
+
+    convert_lora_to_kohya.main([str(out / LORA_WEIGHT_NAME)])
+    assert KOHYA_WEIGHT_NAME in read_run_files(out) and KOHYA_WEIGHT_NAME in hub_files(out)
+    assert f"non_ema/{KOHYA_WEIGHT_NAME}" not in hub_files(out)

@@ -604,7 +604,7 @@ def open_cache_for_run(cache_dir, accelerator, weight_dtype, logger, num_micro_s
                     f"of {train_batch_size}: its latents equal on-the-fly ones up to kernel rounding, not bit for bit")
     if needed > reader.num_epochs:
         logger.warning(f"this run spans {needed} epochs, the cache {reader.num_epochs}: epoch e reuses the cached "
-                       f"latents of epoch e mod {reader.num_epochs} (precompute more with --num_epochs {needed})")
+                       f"latents of epoch e mod {reader.num_epochs} (precompute more with --num_train_epochs {needed})")
     run_noise = dtype_name(text_dtype(accelerator.autocast, accelerator.device, weight_dtype))
     if info["noise_dtype"] != run_noise or info["mixed_precision"] != accelerator.mixed_precision:
         logger.warning(f"cache made with --mixed_precision {info['mixed_precision']} (noise {info['noise_dtype']}), "
@@ -623,7 +623,7 @@ def _open_image_cache(reader, accelerator, logger, epochs, train_batch_size):
     if epochs > reader.num_epochs:
         logger.warning(f"this run spans {epochs} epochs, the cache {reader.num_epochs}: epoch e reuses the cached "
                        f"crops, flips and latents of epoch e mod {reader.num_epochs} (precompute more with "
-                       f"--num_epochs {epochs})")
+                       f"--num_train_epochs {epochs})")
     if info["mixed_precision"] != accelerator.mixed_precision:
         logger.warning(f"cache made with --mixed_precision {info['mixed_precision']}, this run uses "
                        f"{accelerator.mixed_precision}: valid latents, but the VAE would compute them on the fly in "

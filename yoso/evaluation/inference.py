@@ -159,12 +159,12 @@ def check_base_model(spec):
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise InferenceError(f"--base_model {spec} is not a diffusers pipeline folder (no model_index.json)")
+            raise InferenceError(f"--pretrained_model_name_or_path {spec} is not a diffusers pipeline folder (no model_index.json)")
         return
     if path.is_file():
-        raise InferenceError(f"--base_model {spec} is a file; a diffusers pipeline folder or hub id is expected")
+        raise InferenceError(f"--pretrained_model_name_or_path {spec} is a file; a diffusers pipeline folder or hub id is expected")
     if not looks_like_hub_id(spec):
-        raise InferenceError(f"--base_model {spec}: no such folder (and not a hub id of the form owner/name)")
+        raise InferenceError(f"--pretrained_model_name_or_path {spec}: no such folder (and not a hub id of the form owner/name)")
 
 
 def resolve_device_dtype(device="auto", dtype="auto"):
@@ -208,9 +208,9 @@ def load_pipeline(base_model, device, dtype):
     try:
         pipe = DiffusionPipeline.from_pretrained(base_model, dtype=dtype)
     except Exception as exc:
-        raise InferenceError(f"could not load --base_model {base_model}: {one_line(exc)}") from exc
+        raise InferenceError(f"could not load --pretrained_model_name_or_path {base_model}: {one_line(exc)}") from exc
     if getattr(pipe, "unet", None) is None or not hasattr(pipe, "load_lora_weights"):
-        raise InferenceError(f"--base_model {base_model} is a {type(pipe).__name__}, not a UNet pipeline that takes LoRAs (SD1.5 family expected)")
+        raise InferenceError(f"--pretrained_model_name_or_path {base_model} is a {type(pipe).__name__}, not a UNet pipeline that takes LoRAs (SD1.5 family expected)")
     try:
         return pipe.to(device)
     except Exception as exc:
@@ -248,7 +248,7 @@ def load_lora(pipe, source, base_model="the base model", lora_scale=1.0, fuse=Fa
     module must exist and have the LoRA's shapes. ``lora_scale`` scales it (``set_adapters`` weight, or the
     fusing scale); ``fuse`` merges it into the weights and drops the LoRA layers (same images, faster)."""
     kwargs = {"weight_name": source.weight_name} if source.weight_name else {}
-    misfit = f"--lora {source.spec} does not fit --base_model {base_model}"
+    misfit = f"--lora {source.spec} does not fit --pretrained_model_name_or_path {base_model}"
     try:
         with quiet_diffusers():
             state, _ = pipe.lora_state_dict(source.location, unet_config=pipe.unet.config, **kwargs)[:2]

@@ -75,6 +75,8 @@ def save_lora(unet, output_dir, tensors=None):
     ``pipe.load_lora_weights(output_dir)``), atomically: written under a temporary name, then renamed."""
     from diffusers import StableDiffusionPipeline
 
+    from yoso.utils.atomic import follow_umask
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet, tensors).items()}
@@ -85,6 +87,7 @@ def save_lora(unet, output_dir, tensors=None):
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
             safe_serialization=True,
         )
+        follow_umask(Path(tmp) / LORA_WEIGHT_NAME)  # safetensors writes 0600
         os.replace(Path(tmp) / LORA_WEIGHT_NAME, output_dir / LORA_WEIGHT_NAME)
     return output_dir / LORA_WEIGHT_NAME
 

@@ -8,10 +8,12 @@ from yoso.outputs.kohya import save_kohya_lora
 from yoso.data.latent_stats import LATENT_STATS_NAME
 from yoso.method.lora import LORA_WEIGHT_NAME, save_lora
 from yoso.outputs.model_card import write_model_card
+from yoso.outputs.output_files import write_run_files
 
 
-def save_final_outputs(run, output_dir, latent_stats, args, logger):
-    """Write the final LoRA(s), latent statistics and model card (main process only); returns the paths."""
+def save_final_outputs(run, output_dir, latent_stats, args, logger, num_samples=None):
+    """Write the final LoRA(s), latent statistics and model card (main process only); returns the paths.
+    ``num_samples``: the prompts or images trained on, for the card (None: not known, e.g. a stream)."""
     output_dir = Path(output_dir)
     folders = [output_dir]
     written = []
@@ -24,7 +26,10 @@ def save_final_outputs(run, output_dir, latent_stats, args, logger):
     if args.save_kohya:
         written += [save_kohya_lora(folder) for folder in folders]
     written.append(latent_stats.save(output_dir / LATENT_STATS_NAME))
-    written.append(write_model_card(output_dir, vars(args), num_processes=run.accelerator.num_processes))
+    # Only these files are this run's: the card and the upload leave out what an earlier run left here.
+    write_run_files(output_dir, [Path(p).relative_to(output_dir).as_posix() for p in written])
+    written.append(write_model_card(output_dir, vars(args), num_processes=run.accelerator.num_processes,
+                                    num_samples=num_samples))
     logger.info(f"LoRA written to {output_dir / LORA_WEIGHT_NAME}"
                 + (" (EMA; raw LoRA in non_ema/)" if run.ema is not None else "")
                 + (", with kohya-format copies" if args.save_kohya else ""))

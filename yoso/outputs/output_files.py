@@ -3,6 +3,7 @@
 On the Hub the non-EMA LoRA is ``pytorch_lora_weights_non_ema.safetensors`` at the top level, not
 ``non_ema/pytorch_lora_weights.safetensors`` (see ``yoso.outputs.hub``)."""
 
+import json
 import re
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from yoso.data.latent_stats import LATENT_STATS_NAME
 from yoso.method.lora import LORA_WEIGHT_NAME
 
 MODEL_CARD_NAME = "README.md"
+# The final files the last run wrote (relative paths): an earlier run into the same --output_dir may have left
+# others (a kohya copy, non_ema/) that describe another LoRA; the card and the upload name only these.
+RUN_FILES_NAME = "yoso_run_files.json"
 NON_EMA_WEIGHT_NAME = "pytorch_lora_weights_non_ema.safetensors"
 NON_EMA_KOHYA_WEIGHT_NAME = "pytorch_lora_weights_non_ema_kohya.safetensors"
 
@@ -33,7 +37,9 @@ def hub_files(output_dir):
     output_dir = Path(output_dir)
     present = {}
     for relative, in_repo in HUB_NAMES.items():
-        if (output_dir / relative).is_file():
+        # the card and the validation legend are rewritten during every run; the final files must be this run's
+        always = relative == MODEL_CARD_NAME or relative.startswith("validation/")
+        if always and (output_dir / relative).is_file() or is_run_file(output_dir, relative):
             present[relative] = in_repo
     validation = output_dir / "validation"
     if validation.is_dir():
@@ -48,3 +54,34 @@ def latest_validation_grid(output_dir):
     """The relative path of the highest-step ``validation/step-<N>.png``, or None."""
     grids = [p for p in hub_files(output_dir) if VALIDATION_GRID.match(p)]
     return max(grids, key=lambda p: int(re.search(r"\d+", Path(p).name).group())) if grids else None
+
+
+def read_run_files(output_dir):
+    """The set of relative paths in ``output_dir``'s RUN_FILES_NAME, or None (a folder written before it existed)."""
+    path = Path(output_dir) / RUN_FILES_NAME
+    if not path.is_file():
+        return None
+    return set(json.loads(path.read_text())["files"])
+
+
+def write_run_files(output_dir, relatives):
+    """Record ``relatives`` (paths relative to ``output_dir``) as the files of the last run, replacing the record."""
+    from yoso.utils.atomic import atomic_path
+
+    with atomic_path(Path(output_dir) / RUN_FILES_NAME) as tmp:
+        tmp.write_text(json.dumps({"files": sorted(set(relatives))}, indent=1) + "\n")
+
+
+def add_run_files(output_dir, relatives):
+    """Add files written later from the run's outputs (convert_lora_to_kohya.py) to an existing record."""
+    known = read_run_files(output_dir)
+    if known is not None:
+        write_run_files(output_dir, known | set(relatives))
+
+
+def is_run_file(output_dir, relative):
+    """Whether ``relative`` exists in ``output_dir`` and was written by the last run (when it is recorded)."""
+    if not (Path(output_dir) / relative).is_file():
+        return False
+    known = read_run_files(output_dir)
+    return known is None or relative in known

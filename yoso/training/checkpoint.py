@@ -207,10 +207,22 @@ def register_checkpointing(run, extra):
 
 def save_checkpoint(accelerator, output_dir, step, total_limit, logger):
     """``checkpoint-<step>`` in ``output_dir``, complete or absent; older ones pruned to ``total_limit``."""
+    from yoso.training.interrupt import DiskFullError, is_disk_full
+
     tmp = incomplete_path(output_dir, step)
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException as error:  # a full disk, a second Ctrl-C, ...: no half-written folder stays behind
+        full = DiskFullError(Path(output_dir) / f"checkpoint-{step}") if is_disk_full(error) else None  # free space now
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from error
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from yoso.utils.atomic import follow_umask
+
+        follow_umask(tmp)  # safetensors writes 0600
         final = finalize(output_dir, step)
         for removed in prune(output_dir, total_limit):
             logger.info(f"removed old checkpoint {removed}")

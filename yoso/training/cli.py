@@ -3,9 +3,127 @@ mean the same in both (a cache is only valid for the run whose models and data i
 formatter that shows defaults, and a parser whose errors are one line with exit status 2."""
 
 import argparse
+import math
 import re
+from typing import NamedTuple
 
 BAD_INPUT = 2  # exit status of bad input in every script (argparse's convention); a failure during the work: 1
+
+
+class Range(NamedTuple):
+    """The valid values of a numeric flag: ``low`` <= value <= ``high`` (``<`` where the end is open); a float
+    must also be finite. ``str()`` says it the way the error line does: ">= 1", "> 0", "in [0, 1)"."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self):
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf and self.low == -math.inf:
+            return "any finite number"
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low == -math.inf:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x):
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Range(0), Range(1), Range(0, low_open=True)
+SEED = Range(0, 2**32 - 1)  # numpy's seed range (accelerate's set_seed seeds numpy too)
+ANY = Range()  # finite
+
+# The valid range of every numeric flag of every script, by its argparse dest; a flag with the same name means
+# the same thing (and has the same range) in every script. OneLineErrorParser checks each parsed value against
+# it; tests/test_flag_ranges.py checks that no numeric flag of any script is missing here.
+NUMERIC_FLAG_RANGES = {
+    # data and teacher (yoso.training.cli's shared flags)
+    "shuffle_buffer_size": AT_LEAST_1,
+    "max_train_samples": AT_LEAST_1,
+    "resolution": Range(8),  # the base's VAE/UNet divisibility is checked against its config (checks.py)
+    "teacher_num_inference_steps": AT_LEAST_1,
+    "teacher_guidance_scale": AT_LEAST_0,
+    "dataloader_num_workers": AT_LEAST_0,
+    # method (SPEC sections 2 and 4)
+    "lambda_con": AT_LEAST_0,
+    "lambda_kl": AT_LEAST_0,
+    "lambda_adv": AT_LEAST_0,
+    "snr_gamma": ABOVE_0,
+    "coop_gap": Range(0, 999),  # in timesteps of the 1000-step schedule
+    "consistency_gap": Range(0, 999),
+    "noise_offset": AT_LEAST_0,
+    "input_perturbation": AT_LEAST_0,
+    "max_nonfinite_steps": AT_LEAST_1,
+    # LoRA and EMA
+    "lora_rank": AT_LEAST_1,
+    "lora_alpha": ABOVE_0,
+    "ema_decay": Range(0, 1, high_open=True),  # 1 would never move the EMA off the initial LoRA
+    # optimization
+    "seed": SEED,
+    "train_batch_size": AT_LEAST_1,
+    "num_train_epochs": AT_LEAST_1,
+    "max_train_steps": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "learning_rate": ABOVE_0,
+    "discriminator_learning_rate": ABOVE_0,
+    "lr_warmup_steps": AT_LEAST_0,
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_weight_decay": AT_LEAST_0,
+    "adam_epsilon": ABOVE_0,
+    "max_grad_norm": ABOVE_0,
+    "discriminator_chunks": AT_LEAST_1,  # its argparse type also wants 1 or an even number
+    # outputs
+    "checkpointing_steps": AT_LEAST_1,
+    "checkpoints_total_limit": AT_LEAST_1,
+    "validation_steps": AT_LEAST_1,
+    # precompute_teacher_latents.py
+    "shard_size": AT_LEAST_1,
+    # prepare_journeydb.py (--max_words >= --min_words is checked after parsing)
+    "min_words": AT_LEAST_0,
+    "max_words": AT_LEAST_1,
+    "max_samples": AT_LEAST_1,
+    "val_count": AT_LEAST_0,
+    # inference_examples.py and evaluate_yoso.py
+    "lora_scale": ANY,  # negative: the LoRA subtracted, as diffusers allows
+    "steps": AT_LEAST_1,
+    "guidance_scale": AT_LEAST_0,
+    "num_images_per_prompt": AT_LEAST_1,
+    "ipi_from_samples": AT_LEAST_1,
+    "num_prompts": Range(2),  # FID needs two images for a covariance
+    "prompt_seed": SEED,
+    "batch_size": AT_LEAST_1,
+    "fid_resolution": AT_LEAST_1,
+    "metrics_batch_size": AT_LEAST_1,
+    "grid_prompts": AT_LEAST_1,
+}
+
+
+def out_of_range(parser, namespace):
+    """The first parsed numeric value outside its NUMERIC_FLAG_RANGES range, as the one-line error's text
+    (flag, value, range); None when all are in range. Defaults are checked too (a None default: not given)."""
+    for action in parser._actions:
+        valid = NUMERIC_FLAG_RANGES.get(action.dest)
+        value = getattr(namespace, action.dest, None)
+        if valid is None or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in valid:
+                flag = action.option_strings[-1] if action.option_strings else action.dest
+                return f"{flag} {item}: out of range, use a value {valid}"
+    return None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -22,6 +140,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        problem = out_of_range(self, namespace)
+        if problem:
+            self.error(problem)
+        return namespace, extras
 
 
 def add_model_arguments(p):
