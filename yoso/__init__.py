@@ -7,6 +7,7 @@ One concept per module:
 - ``discriminator`` D: encoder half + GroupNorm + attention pooling head
 - ``losses``        consistency, data ("KL") and GAN losses
 - ``ema``           in-place fp32 EMA of the LoRA
+- ``health``        training-health signals (D accuracy, gradient norms, EMA distance) and the --health_window warnings
 - ``lora``          LoRA config, targets, save/load in diffusers format
 - ``kohya``         the LoRA in kohya format (AUTOMATIC1111, ComfyUI), with the trained alpha
 - ``data``          prompt files and the resumable, rank-sharded prompt sampler
