@@ -89,6 +89,12 @@ def build_parser():
                    help="'default': peft's (A Kaiming-uniform, B zero), as the released script; 'gaussian': diffusers' examples'.")
     p.add_argument("--use_ema", action="store_true", help="Keep an EMA of the LoRA; it becomes the final LoRA.")
     p.add_argument("--ema_decay", type=float, default=0.999, help="Decay of the LoRA's EMA, per optimizer step.")
+    p.add_argument("--ema_warmup", action="store_true",
+                   help="Warm the EMA up as diffusers' EMAModel(use_ema_warmup=True): the k-th update's decay is "
+                        "min(--ema_decay, 1 - (1 + (k - 1) / --ema_inv_gamma) ** -(--ema_power)) (default: off, "
+                        "--ema_decay from the first update, as released).")
+    p.add_argument("--ema_inv_gamma", type=float, default=1.0, help="inv_gamma of --ema_warmup (diffusers' default 1).")
+    p.add_argument("--ema_power", type=float, default=2 / 3, help="power of --ema_warmup (diffusers' default 2/3).")
     # Optimization
     p.add_argument("--output_dir", default="yoso-lora-output", help="Where the LoRA, checkpoints, validation images and logs go.")
     p.add_argument("--seed", type=int, default=0, help="Seeds the LoRA's and D's initial values, the data order and every step's noise.")
@@ -145,6 +151,10 @@ def build_parser():
                    help="Prompts for validation grids (1 and 2 LCM steps, LoRA and EMA) every --validation_steps (default: none).")
     p.add_argument("--validation_steps", type=int, default=500, help="Validation every N optimizer steps.")
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
+    p.add_argument("--health_window", type=int, default=50,
+                   help="Warn (one line, once per episode) when the discriminator wins outright (accuracy >= 0.99) or "
+                        "collapses (accuracy ~0.5 while G's adversarial loss falls) for this many consecutive optimizer "
+                        "steps; 0: no warnings. The health scalars are logged either way (docs/training.md).")
     p.add_argument("--logging_dir", default="logs", help="Tracker folder, inside --output_dir.")
     p.add_argument("--tracker_project_name", default="yoso-lora", help="Project name for the trackers.")
     p.add_argument("--save_kohya", action="store_true",
@@ -166,6 +176,12 @@ def parse_args(argv=None):
     args.lora_target_modules = split_commas(args.lora_target_modules)
     if not args.lora_target_modules:
         parser.error("--lora_target_modules: no module names given")
+    if args.ema_warmup and not args.use_ema:
+        parser.error("--ema_warmup: there is no EMA to warm up; add --use_ema or drop --ema_warmup")
+    if args.ema_inv_gamma <= 0 or args.ema_power <= 0:
+        parser.error(f"--ema_inv_gamma {args.ema_inv_gamma} --ema_power {args.ema_power}: both must be > 0")
+    if args.health_window < 0:
+        parser.error(f"--health_window {args.health_window}: give 0 (no warnings) or a number of optimizer steps")
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         parser.error("--hub_token with --report_to=wandb would expose the token; use `hf auth login` instead")
     return args
@@ -308,6 +324,7 @@ def train(args, checked, accelerator, output_dir, stop=None):
     from yoso.outputs.final_save import save_final_outputs
     from yoso.training.builder import RunSettings, build_run
     from yoso.method.step import step_generator
+    from yoso.method.health import HealthMonitor, ema_distance
     from yoso.training.tracking import LossAverager
     from yoso.data.training_data import open_training_data
     from yoso.training.validation import generate_validation_images, save_and_log_validation
@@ -358,6 +375,7 @@ def train(args, checked, accelerator, output_dir, stop=None):
     progress = tqdm(range(max_train_steps), initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     losses = LossAverager(accelerator, args.gradient_accumulation_steps)
+    health = HealthMonitor(args.health_window)
     run.unet.train()
     run.discriminator.train()
     stop = stop or StopRequest()
@@ -372,7 +390,7 @@ def train(args, checked, accelerator, output_dir, stop=None):
                     raise NonFiniteLossError(f"at step {state.global_step + 1}, {error}") from None
             state.micro_steps += 1
             latent_stats.update(accelerator.gather(logs.pop("x0")))
-            grad_norm, nonfinite = logs.pop("grad_norm"), logs.pop("nonfinite")
+            grad_norm, d_grad_norm, nonfinite = logs.pop("grad_norm"), logs.pop("d_grad_norm"), logs.pop("nonfinite")
             losses.add(logs)
             if not accelerator.sync_gradients:
                 continue
@@ -382,10 +400,17 @@ def train(args, checked, accelerator, output_dir, stop=None):
             if nonfinite:
                 state.nonfinite_steps += 1
                 logger.warning(f"step {state.global_step}: {nonfinite}")
-            scalars = losses.means()
-            scalars.update(lr=run.lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
-                           nonfinite_steps=state.nonfinite_steps)
+            once = {"grad_norm": grad_norm, "d_grad_norm": d_grad_norm}
+            if run.ema is not None:
+                once["ema_distance"] = ema_distance(run.ema)
+            scalars = losses.means(once)
+            scalars.update(lr=run.lr_scheduler.get_last_lr()[0], nonfinite_steps=state.nonfinite_steps)
+            if run.ema is not None and run.ema.last_decay is not None:
+                scalars["ema_decay"] = run.ema.last_decay
             accelerator.log(scalars, step=state.global_step)
+            warning = health.observe(state.global_step, scalars)
+            if warning:
+                logger.warning(warning)
             progress.set_postfix({k: f"{scalars[k]:.4f}" for k in ("loss_con", "loss_kl", "loss_adv", "loss_d")})
 
             if state.global_step % args.checkpointing_steps == 0:

@@ -349,15 +349,94 @@ def test_quick_variant_seeds_reuse_the_tables_run_and_train_the_others(quick_run
     assert "mean ± sd" in md and "--seeds 0 1" in md
 
 
-def test_trial_flags_reach_every_run(tmp_path):
-    """--yoso_flags (a recipe trial) is appended to every run's command, wins over the run's defaults, and is
-    part of the run's settings (train_yoso_run), so a trial never reuses a run trained without it."""
-    from train_yoso_lora import parse_args
+def test_quick_variant_trial_trains_its_seeds_apart_with_its_flags_checkpoints_and_health_log(quick_run):
+    """--trial: a trial without flags trains seed 0 into trials/NAME/ to the table's run bitwise (checkpoints and
+    the tracker change nothing that is trained); a trial with --yoso_flags passes them to every run, keeps
+    evenly spaced checkpoints whose last EMA equals the final LoRA, logs the health signals, and writes its
+    report in its own folder; the table's run is not touched."""
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    budget = dict(RUN.FULL, yoso_flags="--lr_scheduler cosine --lr_warmup_steps 24 --learning_rate 1e-4")
-    cmd = RUN.yoso_command(tmp_path, tmp_path / "yoso" / "main", budget, E.YOSO_RUNS["main"][1], 0, "cpu")
-    args = parse_args(cmd[cmd.index(str(RUN.TRAIN_SCRIPT)) + 1:])
-    assert (args.lr_scheduler, args.lr_warmup_steps, args.learning_rate) == ("cosine", 24, 1e-4)
-    plain = RUN.yoso_command(tmp_path, tmp_path / "yoso" / "main", dict(RUN.FULL, yoso_flags=""),
-                             E.YOSO_RUNS["main"][1], 0, "cpu")
-    assert cmd[: len(plain)] == plain and len(cmd) == len(plain) + 6
+    out, _, _ = quick_run
+    table_lora = out / "yoso" / "main" / "pytorch_lora_weights.safetensors"
+    before = table_lora.stat().st_mtime
+    script = str(REPO / "experiments" / "digits" / "run.py")
+    common = [sys.executable, script, "--quick", "--quiet", "--out", str(out), "--seed_runs", "main"]
+    proc = subprocess.run(common + ["--seeds", "0", "--trial", "plain"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plain = load_file(str(out / "trials" / "plain" / "main_seed0" / "pytorch_lora_weights.safetensors"))
+    table = load_file(str(table_lora))
+    assert plain.keys() == table.keys() and all(torch_equal(plain[k], table[k]) for k in table)
+
+    flags = "--ema_warmup --lr_scheduler cosine --lr_warmup_steps 0"
+    proc = subprocess.run(common + ["--seeds", "0", "1", "--trial", "warm", f"--yoso_flags={flags}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trial = out / "trials" / "warm"
+    for seed in (0, 1):
+        run_dir = trial / f"main_seed{seed}"
+        command = (trial / f"main_seed{seed}.log").read_text().splitlines()[0]
+        assert flags in command and "--checkpointing_steps 1 --report_to tensorboard" in command
+        assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # 2 steps, every step
+        (events,) = (run_dir / "logs" / "yoso-lora").glob("events.out.tfevents.*")
+        log = EventAccumulator(str(events))
+        log.Reload()
+        accuracy = [e.value for e in log.Scalars("d_accuracy")]
+        assert len(accuracy) == RUN.QUICK["yoso_steps"] and all(0.0 <= a <= 1.0 for a in accuracy)
+        assert [e.value for e in log.Scalars("ema_decay")][0] == 0.0  # the warm-up's first update copies the LoRA
+    warm = load_file(str(trial / "main_seed0" / "pytorch_lora_weights.safetensors"))
+    assert any(not torch_equal(warm[k], table[k]) for k in table)  # other flags, other weights
+    summary = json.loads((trial / "digits_quick_seeds.json").read_text())
+    assert summary["yoso_flags"] == flags.split() and summary["trial"] == "warm"
+    assert [s["seed"] for s in summary["summary"]["runs"]["main"]["seeds"]] == [0, 1]
+    assert "--trial warm" in (trial / "digits_quick_seeds.md").read_text()
+    assert table_lora.stat().st_mtime == before
+    assert (out / "eval" / "trial_warm_seed_main_1_1.json").is_file()
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_trial_flags_are_refused_in_one_line_before_any_work():
+    script = str(REPO / "experiments" / "digits" / "run.py")
+    for extra, needle in ((["--trial", "x"], "--trial needs --seeds"),
+                          (["--yoso_flags=--ema_warmup"], "--yoso_flags needs --trial"),
+                          (["--seeds", "0", "--trial", "a/b"], "--trial 'a/b'"),
+                          (["--seeds", "0", "--trial", "t", "--yoso_flags=--no_such_flag"], "has no flag --no_such_flag"),
+                          (["--seeds", "0", "--trial", "t", "--set", "unet_steps=3"], "--set unet_steps")):
+        proc = subprocess.run([sys.executable, script, "--quick", "--out", "/nonexistent/never", *extra], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr and proc.stdout == "", (extra, proc.stderr)
+
+
+def test_quick_variant_health_scores_each_checkpoints_ema_and_draws_the_figure(quick_run):
+    """--health on the trial above: the last checkpoint's exported EMA LoRA is the run's final LoRA bitwise; every
+    checkpoint of every seed has a scored 1-step row with finite numbers; D's accuracy per step comes from the log."""
+    from safetensors.torch import load_file
+
+    from experiments.digits import health as H
+
+    out, _, _ = quick_run
+    flags = "--ema_warmup --lr_scheduler cosine --lr_warmup_steps 0"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "digits" / "run.py"), "--quick", "--quiet", "--out",
+                           str(out), "--seed_runs", "main", "--seeds", "0", "1", "--trial", "warm", f"--yoso_flags={flags}",
+                           "--health"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "yoso main_seed1: done already" in proc.stdout  # the trial's runs are reused, only scored
+    run_dir = out / "trials" / "warm" / "main_seed1"
+    last = load_file(str(run_dir / "health" / "step-2" / "pytorch_lora_weights.safetensors"))
+    final = load_file(str(run_dir / "pytorch_lora_weights.safetensors"))
+    assert last.keys() == final.keys() and all(torch_equal(last[k], final[k]) for k in final)
+    first = load_file(str(run_dir / "health" / "step-1" / "pytorch_lora_weights.safetensors"))
+    assert any(not torch_equal(first[k], final[k]) for k in final)
+    payload = json.loads((out / "figures" / "digits_quick_health.json").read_text())
+    for seed in ("0", "1"):
+        entry = payload["runs"]["main"][seed]
+        assert [p["step"] for p in entry["checkpoints"]] == [1, 2]
+        assert all(math.isfinite(p["frechet"]) and p["images"] == 20 for p in entry["checkpoints"])
+        assert [s for s, _ in entry["tracker"]["d_accuracy"]] == [1, 2]
+    assert (out / "figures" / "digits_quick_health.png").stat().st_size > 5000
+    assert H.checkpoint_ema_state(run_dir / "checkpoint-2")["num_updates"] == 2

@@ -9,11 +9,11 @@ The subpackages are the layers of a run, lowest first; a module imports its own 
                   real image-caption data (folders, Hub datasets, tar shards), latent spaces, the teacher-latent
                   cache, latent statistics, JourneyDB preparation, the CLIP BPE tables
 - ``method``      the YOSO training step and its parts: schedule, losses, UNet encoder (F), discriminator (D),
-                  LoRA, EMA
+                  LoRA, EMA, training-health signals
 - ``outputs``     what a run leaves behind: the final save, kohya copies, model card, Hub upload, output folders
 - ``evaluation``  sampling (the four inference modes, IPI), FID / CLIP score, evaluation runs
 - ``training``    the run around the step: flags and checks, model loading, the run builder, checkpoints,
-                  validation grids, tracking
+                  validation grids, tracking, interrupts and full disks
 - ``testing``     tiny SD1.5-/SD-Turbo-/SDXL-Turbo-shaped pipelines built offline for tests and the demo
 """
 

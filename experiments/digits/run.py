@@ -19,6 +19,7 @@ Stages, in order; each is skipped when its outputs exist and were made with the 
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -177,7 +178,6 @@ def yoso_command(out, run_dir, budget, extra, seed, device):
         "--checkpointing_steps", "100000",
         "--report_to", "none",
         *extra,
-        *shlex.split(budget.get("yoso_flags", "")),  # a trial's recipe flags (--yoso_flags), last: they win
     ]
 
 
@@ -209,16 +209,28 @@ def prepare_yoso_inputs(out, runs):
     return n_prompts
 
 
-def train_yoso_run(out, name, run_dir, marker, budget, seed, n_prompts, quiet, device):
+# A trial's runs keep this many evenly spaced checkpoints and a tensorboard log (the training-health signals).
+TRIAL_CHECKPOINTS = 8
+HEALTH_PER_DIGIT = 30  # --health: images a digit per checkpoint (300 a row; the table's rows have 1,000)
+
+
+def trial_training_flags(budget, yoso_flags):
+    """A trial's extra train_yoso_lora.py flags: its own (``--yoso_flags``), then checkpoints every
+    steps / TRIAL_CHECKPOINTS steps and the tensorboard tracker (neither changes what is trained)."""
+    every = max(1, budget["yoso_steps"] // TRIAL_CHECKPOINTS)
+    return [*yoso_flags, "--checkpointing_steps", str(every), "--report_to", "tensorboard"]
+
+
+def train_yoso_run(out, name, run_dir, marker, budget, seed, n_prompts, quiet, device, trial_flags=()):
     """Train YOSO-LoRA run ``name`` (a key of ``YOSO_RUNS``) with ``seed`` into ``run_dir``, unless ``marker``
-    says it was made with the same settings. Returns its training seconds."""
+    says it was made with the same settings. ``trial_flags``: further flags (a recipe trial's), after the run's
+    own. Returns its training seconds."""
     from experiments.digits.evaluate import YOSO_RUNS
 
     label, extra = YOSO_RUNS[name]
+    extra = list(extra) + list(trial_flags)
     cmd = yoso_command(out, run_dir, budget, extra, seed, device)
     settings = {k: budget[k] for k in YOSO_KEYS} | {"seed": seed, "extra": extra, "prompts": n_prompts}
-    if budget.get("yoso_flags"):  # absent when empty: markers of runs without a trial recipe stay as they were
-        settings["yoso_flags"] = budget["yoso_flags"]
     if _stage_done(marker, settings) and (run_dir / "pytorch_lora_weights.safetensors").is_file():
         log(f"yoso {run_dir.name}: done already")
         return json.loads(marker.read_text())["seconds"]
@@ -263,19 +275,21 @@ def stage_yoso(out, budget, seed, quiet, device):
             for name in budget["yoso_runs"]}
 
 
-def stage_seeds(out, budget, table_seed, seeds, runs, quiet, device):
+def stage_seeds(out, budget, table_seed, seeds, runs, quiet, device, trial=None, yoso_flags=()):
     """The runs of ``runs`` trained again with each seed of ``seeds`` (the table's seed is the table's own run,
     under the same marker, so it is trained here only if the table's stage has not), and their 1-step rows
-    evaluated. Returns the evaluated results."""
+    evaluated. With ``trial``, every seed is trained anew into the trial's folder, with ``yoso_flags`` added
+    (``trial_training_flags``). Returns the evaluated results."""
     from experiments.digits import evaluate as E
     from experiments.digits import seeds as S
 
     n_prompts = prepare_yoso_inputs(out, runs)
+    extra = trial_training_flags(budget, yoso_flags) if trial else ()
     for name in runs:
         for seed in seeds:
-            run_dir, marker = S.run_dir(name, seed, table_seed), S.run_marker(name, seed, table_seed)
-            train_yoso_run(out, name, out / run_dir, out / marker, budget, seed, n_prompts, quiet, device)
-    specs = E.row_specs(with_yoso=False) + S.seed_row_specs(runs, seeds, table_seed)
+            run_dir, marker = S.run_dir(name, seed, table_seed, trial), S.run_marker(name, seed, table_seed, trial)
+            train_yoso_run(out, name, out / run_dir, out / marker, budget, seed, n_prompts, quiet, device, extra)
+    specs = E.row_specs(with_yoso=False) + S.seed_row_specs(runs, seeds, table_seed, trial)
     return E.evaluate_rows(out, specs, budget["n_per_digit"], batch_size=budget["eval_batch"], quiet=quiet, device=device)
 
 
@@ -308,14 +322,49 @@ def main(argv=None):
                         "is the table's own run) and write <prefix>_seeds.{md,json}, every seed and the spread")
     p.add_argument("--seed_runs", nargs="+", default=None, metavar="RUN",
                    help="with --seeds: only these runs (default: main real_data)")
+    p.add_argument("--trial", default=None, metavar="NAME",
+                   help="with --seeds: a recipe trial: every seed is trained anew (with --yoso_flags, 8 checkpoints and a "
+                        "tensorboard log) into OUT/trials/NAME/, whose report <prefix>_seeds.{md,json} goes there too; "
+                        "the table's and the seed study's runs are not touched")
     p.add_argument("--yoso_flags", default="", metavar="FLAGS",
-                   help='extra train_yoso_lora.py flags for every YOSO run (a recipe trial), e.g. '
-                        '--yoso_flags "--lr_scheduler cosine"; use with --out to keep the trial\'s runs apart')
+                   help='with --trial: further train_yoso_lora.py flags for every run of the trial, one string, e.g. '
+                        '"--ema_warmup --lr_scheduler cosine --lr_warmup_steps 0"')
+    p.add_argument("--health", action="store_true",
+                   help="with --trial: score every checkpoint's EMA LoRA at 1 step (HEALTH_PER_DIGIT images a digit) and "
+                        "draw D's accuracy (from the tensorboard log) and that quality over training per seed: "
+                        "<prefix>_health.{png,json} in --figures")
     args = p.parse_args(argv)
+    if args.health and args.trial is None:
+        p.error("--health needs --trial NAME (only a trial's runs keep checkpoints and a tracker log), e.g. "
+                "--seeds 0 1 2 3 4 --trial baseline --health")
+    if args.trial is not None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.trial):
+            p.error(f"--trial {args.trial!r}: use letters, digits, '_', '-' or '.' (it names a folder)")
+        if args.seeds is None:
+            p.error("--trial needs --seeds (the training seeds of the trial), e.g. --seeds 0 1 2")
+        base_keys = [item.partition("=")[0] for item in args.set if not item.startswith("yoso_")]
+        if base_keys:
+            p.error(f"--trial with --set {base_keys[0]}: only yoso_* budget entries may change in a trial (the base "
+                    "model and the evaluation are shared by every trial)")
+    if args.yoso_flags and args.trial is None:
+        p.error("--yoso_flags needs --trial NAME: without it the runs would replace the table's and the seed study's")
+    try:
+        args.yoso_flags = shlex.split(args.yoso_flags)
+    except ValueError as error:
+        p.error(f"--yoso_flags: {error}")
+    if args.yoso_flags:
+        from train_yoso_lora import build_parser
+
+        parser = build_parser()
+        try:
+            unknown = parser.parse_known_args(["--pretrained_model_name_or_path", "x"] + args.yoso_flags)[1]
+        except SystemExit:
+            p.error(f"--yoso_flags {' '.join(args.yoso_flags)}: train_yoso_lora.py refuses them (see the line above)")
+        if unknown:
+            p.error(f"--yoso_flags: train_yoso_lora.py has no flag {unknown[0]}")
 
     variant = "quick" if args.quick else "full"
     budget = dict(QUICK if args.quick else FULL)
-    budget["yoso_flags"] = args.yoso_flags
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in budget:
@@ -326,8 +375,7 @@ def main(argv=None):
     prefix = "digits" if not args.quick else "digits_quick"
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/digits/run.py" + (" --quick" if args.quick else "") + (" --skip-yoso" if args.skip_yoso else "") \
-        + "".join(f" --set {item}" for item in args.set) + (f" --yoso_flags {shlex.quote(args.yoso_flags)}" if args.yoso_flags else "") \
-        + (f" --device {args.device}" if args.device != "cpu" else "")
+        + "".join(f" --set {item}" for item in args.set) + (f" --device {args.device}" if args.device != "cpu" else "")
     log(f"{variant} run in {out}")
 
     timings = {}
@@ -396,11 +444,27 @@ def seeds_report(out, budget, args, figures, prefix, command):
         raise StageError(f"--seed_runs {' '.join(unknown)}: the seed study covers {', '.join(S.SEED_RUNS)}")
     seeds = sorted(set(args.seeds))
     command += " --seeds " + " ".join(map(str, seeds)) + (" --seed_runs " + " ".join(runs) if args.seed_runs else "")
+    if args.trial:
+        command += f" --trial {args.trial}" + (f" --yoso_flags {shlex.quote(shlex.join(args.yoso_flags))}" if args.yoso_flags else "")
+        figures = out / S.trial_dir(args.trial)
     t0 = time.time()
-    results = stage_seeds(out, budget, args.seed, seeds, runs, args.quiet, args.device)
+    results = stage_seeds(out, budget, args.seed, seeds, runs, args.quiet, args.device, args.trial, args.yoso_flags)
     meta = {"budget": {k: budget[k] for k in YOSO_KEYS}, "table_seed": args.seed, "code": code_version(),
-            "torch_threads": __import__("torch").get_num_threads(), "seconds_this_invocation": time.time() - t0}
-    paths = S.write_seed_report(results, runs, seeds, figures, prefix, command, meta)
+            "torch_threads": __import__("torch").get_num_threads(), "seconds_this_invocation": time.time() - t0,
+            "trial": args.trial, "yoso_flags": args.yoso_flags,
+            "trial_training_flags": trial_training_flags(budget, args.yoso_flags) if args.trial else []}
+    paths = S.write_seed_report(results, runs, seeds, figures, prefix, command, meta, args.trial)
+    if args.health:
+        from experiments.digits import evaluate as E
+        from experiments.digits import health as H
+
+        specs = H.health_row_specs(out, S.trial_dir(args.trial), runs, seeds)
+        n = min(HEALTH_PER_DIGIT, budget["n_per_digit"])
+        scored = E.evaluate_rows(out, specs, n, batch_size=budget["eval_batch"], quiet=args.quiet, device=args.device)
+        teacher = next((r["frechet"] for r in results if r["name"] == "teacher"), None)
+        health_figures = Path(args.figures).resolve() if args.figures else (out / "figures" if args.quick else REPO / "figures")
+        paths |= H.write_health_report(out, S.trial_dir(args.trial), runs, seeds, scored, health_figures, prefix,
+                                       command + " --health", teacher)
     log("seeds report: " + ", ".join(paths.values()))
     return paths
 

@@ -21,32 +21,48 @@ SEED_RUNS = ("main", "real_data")
 SEEDS_DIR = "yoso_seeds"
 
 
-def run_dir(run, seed, table_seed):
-    """The run's folder under the run directory: the table's own run for the table's seed."""
+TRIALS_DIR = "trials"
+
+
+def trial_dir(trial):
+    """A recipe trial's folder under the run directory: its seed runs and its report (``run.py --trial``)."""
+    return f"{TRIALS_DIR}/{trial}"
+
+
+def run_dir(run, seed, table_seed, trial=None):
+    """The run's folder under the run directory: the table's own run for the table's seed; a trial's runs
+    (every seed, the table's too: other flags) in the trial's folder."""
+    if trial:
+        return f"{trial_dir(trial)}/{run}_seed{seed}"
     return f"yoso/{run}" if seed == table_seed else f"{SEEDS_DIR}/{run}_seed{seed}"
 
 
-def run_marker(run, seed, table_seed):
-    return f"yoso/{run}.done.json" if seed == table_seed else f"{SEEDS_DIR}/{run}_seed{seed}.done.json"
+def run_marker(run, seed, table_seed, trial=None):
+    return run_dir(run, seed, table_seed, trial) + ".done.json" if trial or seed != table_seed else f"yoso/{run}.done.json"
 
 
-def seed_row_specs(runs, seeds, table_seed):
-    """The 1-step EMA rows (plain and IPI) of every (run, seed), sampled as the table's."""
-    rows = []
+def row_prefix(trial=None):
+    return f"trial_{trial}_" if trial else ""
+
+
+def seed_row_specs(runs, seeds, table_seed, trial=None):
+    """The 1-step EMA rows (plain and IPI) of every (run, seed), sampled as the table's; a trial's rows are
+    named after the trial, so trials and the seed study keep their own evaluations."""
+    rows, prefix = [], row_prefix(trial)
     for run in runs:
-        label = YOSO_RUNS[run][0]
+        label = YOSO_RUNS[run][0] + (f" [trial {trial}]" if trial else "")
         for seed in seeds:
-            lora = run_dir(run, seed, table_seed)
+            lora = run_dir(run, seed, table_seed, trial)
             rows += [
-                RowSpec(f"seed_{run}_{seed}_1", f"{label}, seed {seed}, EMA, 1 step", f"seed_{run}", "base", "lcm",
+                RowSpec(f"{prefix}seed_{run}_{seed}_1", f"{label}, seed {seed}, EMA, 1 step", f"seed_{run}", "base", "lcm",
                         1, 1.0, lora),
-                RowSpec(f"seed_{run}_{seed}_1_ipi", f"{label}, seed {seed}, EMA, 1 step + IPI", f"seed_{run}", "base",
-                        "lcm", 1, 1.0, lora, lora, True),
+                RowSpec(f"{prefix}seed_{run}_{seed}_1_ipi", f"{label}, seed {seed}, EMA, 1 step + IPI", f"seed_{run}",
+                        "base", "lcm", 1, 1.0, lora, lora, True),
             ]
     return rows
 
 
-def summarize(results, runs, seeds):
+def summarize(results, runs, seeds, trial=None):
     """Per run: each seed's 1-step numbers, their mean and sd, and in how many seeds the plain 1-step row's
     Fréchet distance is below the teacher's and below every base row's."""
     by_name = {r["name"]: r for r in results}
@@ -59,7 +75,8 @@ def summarize(results, runs, seeds):
     for run in runs:
         per_seed = []
         for seed in seeds:
-            plain, ipi = by_name[f"seed_{run}_{seed}_1"], by_name[f"seed_{run}_{seed}_1_ipi"]
+            key = f"{row_prefix(trial)}seed_{run}_{seed}_1"
+            plain, ipi = by_name[key], by_name[key + "_ipi"]
             per_seed.append({"seed": seed, "frechet": plain["frechet"], "accuracy": plain["accuracy"],
                              "diversity": plain["diversity"], "frechet_ipi": ipi["frechet"], "accuracy_ipi": ipi["accuracy"]})
         stats = {}
@@ -107,12 +124,12 @@ def markdown(summary, command, n_images):
     return "\n".join(lines)
 
 
-def write_seed_report(results, runs, seeds, figures_dir, prefix, command, meta):
+def write_seed_report(results, runs, seeds, figures_dir, prefix, command, meta, trial=None):
     """``<prefix>_seeds.md`` and ``<prefix>_seeds.json`` in ``figures_dir``."""
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(results, runs, seeds)
-    n_images = max(r["images"] for r in results if r["name"].startswith("seed_"))
+    summary = summarize(results, runs, seeds, trial)
+    n_images = max(r["images"] for r in results if r["name"].startswith(row_prefix(trial) + "seed_"))
     md_path, json_path = figures_dir / f"{prefix}_seeds.md", figures_dir / f"{prefix}_seeds.json"
     md_path.write_text(markdown(summary, command, n_images))
     json_path.write_text(json.dumps({"command": command, "summary": summary, **meta}, indent=2) + "\n")

@@ -5,6 +5,7 @@
 - ``unet_encoder``   the UNet's encoder half (feature net F, discriminator trunk)
 - ``discriminator``  D: encoder half + GroupNorm + attention pooling head
 - ``lora``           LoRA config, targets, save/load in diffusers format
-- ``ema``            in-place fp32 EMA of the LoRA
+- ``ema``            in-place fp32 EMA of the LoRA (and its warm-up)
+- ``health``         training-health signals (D's accuracy, gradient norms, EMA distance) and their warnings
 - ``step``           one training step: D's update, G's update, EMA; non-finite skips
 """

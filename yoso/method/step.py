@@ -51,6 +51,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from yoso.method.health import discriminator_accuracy, gradient_norm
 from yoso.method.losses import consistency_loss, data_loss, discriminator_loss, generator_adversarial_loss
 from yoso.utils.precision import scaled_backward, separate_discriminator_scaler
 from yoso.data.teacher import teacher_noise, teacher_noise_seeds
@@ -239,6 +240,9 @@ class YOSOTrainingStep:
             with timer("discriminator"):
                 logits_real, logits_fake, loss_d = self.discriminator_backward(real, fake, t, c)
                 skip_d = accelerator.sync_gradients and not self._all_finite(self._d_window_ok)
+                d_grad_norm = None  # before D's update: its gradient as applied (yoso.method.health)
+                if accelerator.sync_gradients and not skip_d:
+                    d_grad_norm = gradient_norm(self.discriminator_module.parameters(), self.discriminator_scaler)
                 if not skip_d:
                     self.optimizer_d.step()
                 self.optimizer_d.zero_grad(set_to_none=True)
@@ -293,6 +297,7 @@ class YOSOTrainingStep:
         nonfinite = None
         if accelerator.sync_gradients:
             nonfinite = self._end_window(skip_d, skip_g, loss_d, loss_g)
+        d_accuracy, d_accuracy_real, d_accuracy_fake = discriminator_accuracy(logits_real, logits_fake)
         return {
             "loss_con": loss_con.detach(),
             "loss_kl": loss_kl.detach(),
@@ -300,7 +305,11 @@ class YOSOTrainingStep:
             "loss_d": loss_d.detach(),
             "d_real": logits_real.detach().mean(),
             "d_fake": logits_fake.detach().mean(),
+            "d_accuracy": d_accuracy,
+            "d_accuracy_real": d_accuracy_real,
+            "d_accuracy_fake": d_accuracy_fake,
             "grad_norm": grad_norm,
+            "d_grad_norm": d_grad_norm,
             "nonfinite": nonfinite,
             "x0": x0.detach(),
         }

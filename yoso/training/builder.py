@@ -42,6 +42,9 @@ class RunSettings:
     gradient_checkpointing: bool = False
     use_ema: bool = False
     ema_decay: float = 0.999
+    ema_warmup: bool = False
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 2 / 3
     # Losses (SPEC section 2)
     lambda_con: float = 2.0
     lambda_kl: float = 0.5
@@ -234,7 +237,8 @@ def build_run(settings, accelerator, *, num_training_steps, parts=None, weight_d
     unet, discriminator, optimizer_g, optimizer_d, lr_scheduler = accelerator.prepare(
         models.unet, models.discriminator, optimizer_g, optimizer_d, lr_scheduler)
     unet_module = accelerator.unwrap_model(unet)
-    ema = LoRAEMA(lora_named_parameters(unet_module), settings.ema_decay) if settings.use_ema else None
+    ema = LoRAEMA(lora_named_parameters(unet_module), settings.ema_decay, warmup=settings.ema_warmup,
+                  inv_gamma=settings.ema_inv_gamma, power=settings.ema_power) if settings.use_ema else None
     trainer = YOSOTrainingStep(
         accelerator, unet=unet, discriminator=discriminator, feature_net=models.feature_net,
         text_encoder=models.text_encoder, latent_source=models.latent_source, schedule=models.schedule,

@@ -70,6 +70,9 @@ NUMERIC_FLAG_RANGES = {
     "lora_rank": AT_LEAST_1,
     "lora_alpha": ABOVE_0,
     "ema_decay": Range(0, 1, high_open=True),  # 1 would never move the EMA off the initial LoRA
+    "ema_inv_gamma": ABOVE_0,
+    "ema_power": ABOVE_0,
+    "health_window": AT_LEAST_0,  # 0: no warnings
     # optimization
     "seed": SEED,
     "train_batch_size": AT_LEAST_1,

@@ -16,9 +16,17 @@ class LossAverager:
         for key, value in logs.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def means(self):
+    def means(self, step_values=None):
+        """The window's means, averaged over processes; ``step_values`` (name -> device tensor or None, taken
+        once per optimizer step, e.g. gradient norms) are averaged over processes only (None -> 0). One gather
+        and one host read for all of them."""
         names = list(self.sums)
+        step_values = {k: v for k, v in (step_values or {}).items()}
+        device = self.accelerator.device
+        values = [self.sums[k] / self.micro_steps for k in names]
+        values += [torch.zeros((), device=device) if v is None else torch.as_tensor(v, device=device).float().reshape(())
+                   for v in step_values.values()]
         world = self.accelerator.num_processes
-        gathered = self.accelerator.gather(torch.stack([self.sums[k] for k in names])).view(world, -1).mean(0)
+        gathered = self.accelerator.gather(torch.stack([v.float().reshape(()) for v in values])).view(world, -1).mean(0)
         self.sums = {}
-        return {k: v.item() / self.micro_steps for k, v in zip(names, gathered)}
+        return dict(zip(names + list(step_values), gathered.tolist()))
