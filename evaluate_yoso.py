@@ -78,7 +78,7 @@ def check_args(args, parser):
 
 def plan_evaluation(args, device_spec):
     """Every check that needs no model, and the :class:`yoso.evaluation.runs.Plan`; raises one-line errors."""
-    from yoso import evaluation as ev
+    from yoso.evaluation import runs as ev
     from yoso.evaluation import inference as yi
     from yoso.evaluation.metrics import list_images, sha256_file
     from yoso.data.latent_stats import LATENT_STATS_NAME, load_latent_stats
@@ -137,7 +137,7 @@ def plan_evaluation(args, device_spec):
 
 def load_models(plan, pending, device, dtype):
     """The pipeline with every LoRA this process needs as its own adapter (``lora{i}``); the latent statistics."""
-    from yoso import evaluation as ev
+    from yoso.evaluation import runs as ev
     from yoso.evaluation import inference as yi
     from yoso.data.latent_stats import load_latent_stats
 
@@ -164,7 +164,7 @@ def evaluate(args, state, stage=None):
     import torch
     from tqdm.auto import tqdm
 
-    from yoso import evaluation as ev
+    from yoso.evaluation import runs as ev
     from yoso.evaluation.metrics import CLIPScorer, FIDScorer, resolve_clip_model, resolve_fid_feature_net
     from yoso.outputs.output_dir import make_output_dir
 
