@@ -55,6 +55,20 @@ def test_cuda_autocast_rules():
     assert F.linear(torch.empty(4, 16, device="meta"), lin).dtype == torch.float32  # outside: no autocast
 
 
+def test_autocast_caches_a_trainable_weights_fp16_copy_within_a_region():
+    w = torch.empty(256, 256, device="meta", requires_grad=True)  # fp32 trainable: 256 KiB; its fp16 copy 128 KiB
+    x = torch.empty(4, 256, device="meta", dtype=torch.float16)
+    counter = mm.MemoryCounter()
+    with counter, mm.CudaAutocast():
+        y1, y2 = F.linear(x, w), F.linear(x, w)  # one copy, reused
+        assert counter.live == 128 * 1024 + 2 * mm.storage_bytes(4 * 256 * 2)
+        with torch.no_grad():
+            F.linear(x, w)  # under no_grad a copy is made and dropped, never cached
+        assert counter.live == 128 * 1024 + 2 * mm.storage_bytes(4 * 256 * 2)
+    assert counter.live == 2 * mm.storage_bytes(4 * 256 * 2)  # the region ended: its cache is gone
+    assert y1.requires_grad and y2.requires_grad
+
+
 def test_attention_is_counted_as_the_flash_kernel_holds_it():
     b, h, n, d = 2, 8, 4096, 40
     q = torch.empty(b, h, n, d, device="meta", dtype=torch.float16)
