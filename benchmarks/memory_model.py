@@ -42,6 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from yoso.utils import precision  # noqa: E402
+
 GIB = 1 << 30
 BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
 H200_JSON = REPO / "benchmarks/results/2026-11-30-h200/bench_sd15_h200.json"
@@ -202,6 +204,12 @@ class CudaAutocast(TorchFunctionMode):
 _torch_autocast = torch.autocast
 
 
+def emulated_autocast_dtype(device_type):
+    """``yoso.utils.precision.active_autocast_dtype`` under the emulation: fp16 while it is on."""
+    mode = CudaAutocast.active[-1] if CudaAutocast.active else None
+    return mode.dtype if mode is not None and mode.enabled else None
+
+
 @contextlib.contextmanager
 def _switch(enabled):
     mode = CudaAutocast.active[-1] if CudaAutocast.active else None
@@ -339,9 +347,11 @@ def model_step(config="sd15", batch_size=16, gradient_checkpointing=True, teache
     counter = MemoryCounter()
     start = time.perf_counter()
     torch.autocast = meta_aware_autocast
+    precision._autocast_override = emulated_autocast_dtype  # the step's shared casts see the emulated autocast
     torch.utils.checkpoint.checkpoint = checkpoint_under_autocast  # before the models are built: they bind it
     with counter, contextlib.ExitStack() as restore:
         restore.callback(setattr, torch, "autocast", _torch_autocast)
+        restore.callback(setattr, precision, "_autocast_override", None)
         restore.callback(setattr, torch.utils.checkpoint, "checkpoint", _torch_checkpoint)
         accelerator = meta_accelerator()
         from yoso.training.builder import build_run
@@ -410,13 +420,17 @@ CARDS_GB = (12, 16, 24, 40, 80)
 CONTEXT_GIB = 1.0  # the CUDA context and cuDNN/cuBLAS handles, outside max_memory_allocated (about 0.5-1 GiB)
 
 
+NOT_FLAGS = ("staged_backward", "share_autocast_casts")  # settings, not flags: off only for the code measured
+
+
 def row_of(result, name, measured=None):
-    """One row of the results file; the flags are the training script's (``staged_backward`` is not a flag:
+    """One row of the results file; the flags are the training script's (``NOT_FLAGS`` are not flags:
     off only in the calibration rows, which model the code measured before it existed)."""
     row = {"name": name, "batch_size": result["batch_size"], "gradient_checkpointing": result["gradient_checkpointing"],
            "teacher_latent_cache": result["teacher_latent_cache"],
-           "flags": " ".join(f"--{k} {v}" for k, v in result["flags"].items() if k != "staged_backward"),
+           "flags": " ".join(f"--{k} {v}" for k, v in result["flags"].items() if k not in NOT_FLAGS),
            "staged_backward": result["flags"].get("staged_backward", True),
+           "share_autocast_casts": result["flags"].get("share_autocast_casts", True),
            "modeled_peak_bytes": result["peak_bytes"], "modeled_resident_bytes": result["resident_bytes"],
            "modeled_phase_peak_bytes": result["phases"], "modeled_at_peak_bytes": result["at_peak"]}
     if measured is not None:
@@ -517,7 +531,8 @@ def main(argv=None):
         measured = json.loads(H200_JSON.read_text())["results"]
         for m in measured:
             # the code measured on 2026-11-30: one backward through F, D and G together
-            r = model_step("sd15", m["batch_size"], m["gradient_checkpointing"], m["cache"], staged_backward=False)
+            r = model_step("sd15", m["batch_size"], m["gradient_checkpointing"], m["cache"], staged_backward=False,
+                           share_autocast_casts=False)
             print(describe(r, m["peak_memory"]), flush=True)
             rows.append(row_of(r, m["name"], m))
         ratio = min(r["modeled_over_measured"] for r in rows)

@@ -85,6 +85,7 @@ class RunSettings:
     # F's and D's parts of G's loss backpropagated to pred as soon as they exist (always on in the script: the
     # same gradients, never more memory; off only to compare, in tests and benchmarks)
     staged_backward: bool = True
+    share_autocast_casts: bool = True  # not a flag either: off only to compare (yoso/utils/precision.py)
 
     @classmethod
     def from_args(cls, args, **overrides):

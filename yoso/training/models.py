@@ -16,7 +16,7 @@ import torch
 
 from yoso.method.discriminator import Discriminator
 from yoso.method.lora import add_lora
-from yoso.utils.precision import place
+from yoso.utils.precision import place, share_autocast_casts
 from yoso.method.schedule import YOSOSchedule
 from yoso.data.teacher import TeacherLatents, load_teacher_latents
 from yoso.method.unet_encoder import FeatureNet
@@ -97,6 +97,9 @@ def assemble_models(parts, settings, *, device, weight_dtype):
     text_encoder.to(device, dtype=weight_dtype)
     place(vae, device, weight_dtype)
     discriminator.to(device, dtype=torch.float32)
+    if settings.share_autocast_casts:  # same values, fewer fp16 copies kept for backward under autocast
+        share_autocast_casts(unet)
+        share_autocast_casts(discriminator)
 
     teacher_pipeline = parts.teacher_pipeline
     latent_source = None
