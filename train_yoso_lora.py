@@ -327,6 +327,7 @@ def train(args, checked, accelerator, output_dir, stop=None):
     from yoso.method.health import HealthMonitor, ema_distance
     from yoso.training.tracking import LossAverager
     from yoso.data.training_data import open_training_data
+    from yoso.outputs.output_files import start_validation_record
     from yoso.training.validation import generate_validation_images, save_and_log_validation
 
     # ---- build --------------------------------------------------------------------------------------
@@ -356,6 +357,7 @@ def train(args, checked, accelerator, output_dir, stop=None):
     register_checkpointing(run, [state, latent_stats, run.ema])
 
     # ---- resume -------------------------------------------------------------------------------------
+    path = None
     if args.resume_from_checkpoint:
         path = latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
         if path is None:
@@ -363,6 +365,8 @@ def train(args, checked, accelerator, output_dir, stop=None):
         else:
             logger.info(f"resuming from {path}")
             accelerator.load_state(str(path))
+    if accelerator.is_main_process:  # an earlier run's validation grids are not this LoRA's (card, Hub)
+        start_validation_record(output_dir, resumed=path is not None)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
     batches = data.batches(models, start_batch=state.micro_steps)

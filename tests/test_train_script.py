@@ -416,3 +416,30 @@ def test_method_doc_states_the_defaults_that_differ_from_the_release():
     assert "default `--learning_rate` is 1e-4; ours is 2e-5" in section
     assert "`--resume_from_checkpoint` defaults to `latest`" in section and "ours starts fresh" in section
     assert "`D_final_loss = errD_real`" in section and "**the whole discriminator loss**" in section
+
+
+def test_card_and_upload_name_only_this_runs_validation_grids(run_a, tiny_base, tiny_teacher, prompts_file, tmp_path):
+    """A new run into a folder an earlier run validated in: the earlier grids stay on disk, but the card and the
+    upload name only the new run's (validation/grids.json); a resumed run keeps the grids of the run it continues."""
+    from yoso.outputs.output_files import hub_files
+
+    earlier = {"validation/step-000003.png", "validation/step-000006.png"}
+    assert earlier <= set(hub_files(run_a[0]))
+    rerun = tmp_path / "rerun"
+    shutil.copytree(run_a[0], rerun)
+    for name in [p.name for p in rerun.iterdir() if p.name.startswith("checkpoint")]:
+        shutil.rmtree(rerun / name)
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, rerun, steps=2, use_ema=True,
+                                    validation_prompts=["a cat"], validation_steps=2, report_to="none"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert earlier <= {f"validation/{p.name}" for p in (rerun / "validation").iterdir()}  # nothing deleted
+    uploaded = set(hub_files(rerun))
+    assert {p for p in uploaded if p.startswith("validation/")} == {"validation/README.txt", "validation/step-000002.png"}
+    assert "validation/step-000003.png" not in (rerun / "README.md").read_text()
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_a[0], resumed)
+    result = launch(tiny_train_args(tiny_base, tiny_teacher, prompts_file, resumed, steps=STEPS, use_ema=True,
+                                    ema_decay=0.5, resume_from_checkpoint="latest", report_to="none"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert earlier | {"validation/README.txt"} == {p for p in hub_files(resumed) if p.startswith("validation/")}

@@ -29,6 +29,9 @@ HUB_NAMES = {
     "validation/README.txt": "validation/README.txt",
 }
 VALIDATION_GRID = re.compile(r"^validation/step-\d+\.png$")
+# The grids of the run now in the folder: a new run into the same --output_dir empties it (an earlier run's grids
+# stay on disk but are not this LoRA's), a resumed run keeps the grids of the run it continues.
+VALIDATION_RECORD = "validation/grids.json"
 
 
 def hub_files(output_dir):
@@ -37,17 +40,52 @@ def hub_files(output_dir):
     output_dir = Path(output_dir)
     present = {}
     for relative, in_repo in HUB_NAMES.items():
-        # the card and the validation legend are rewritten during every run; the final files must be this run's
-        always = relative == MODEL_CARD_NAME or relative.startswith("validation/")
-        if always and (output_dir / relative).is_file() or is_run_file(output_dir, relative):
+        if relative.startswith("validation/"):
+            continue
+        # the card is rewritten at the end of every run; the final files must be this run's
+        if relative == MODEL_CARD_NAME and (output_dir / relative).is_file() or is_run_file(output_dir, relative):
             present[relative] = in_repo
-    validation = output_dir / "validation"
-    if validation.is_dir():
-        for grid in validation.iterdir():
-            relative = f"validation/{grid.name}"
-            if grid.is_file() and VALIDATION_GRID.match(relative):
-                present[relative] = relative
+    grids = validation_grids(output_dir)
+    for relative in grids:
+        present[relative] = relative
+    if grids and (output_dir / "validation/README.txt").is_file():  # the legend, rewritten with every grid
+        present["validation/README.txt"] = HUB_NAMES["validation/README.txt"]
     return dict(sorted(present.items()))
+
+
+def validation_grids(output_dir):
+    """This run's validation grids on disk (relative paths): those of VALIDATION_RECORD, or every
+    ``validation/step-<N>.png`` in a folder written before the record existed."""
+    folder = Path(output_dir) / "validation"
+    if not folder.is_dir():
+        return []
+    on_disk = [f"validation/{p.name}" for p in folder.iterdir() if p.is_file() and VALIDATION_GRID.match(f"validation/{p.name}")]
+    record = Path(output_dir) / VALIDATION_RECORD
+    if record.is_file():
+        recorded = set(json.loads(record.read_text())["grids"])
+        on_disk = [g for g in on_disk if g in recorded]
+    return sorted(on_disk)
+
+
+def _write_validation_record(output_dir, grids):
+    from yoso.utils.atomic import atomic_path
+
+    with atomic_path(Path(output_dir) / VALIDATION_RECORD) as tmp:
+        tmp.write_text(json.dumps({"grids": sorted(set(grids))}, indent=1) + "\n")
+
+
+def start_validation_record(output_dir, resumed):
+    """At the start of a run: a new run forgets the grids an earlier run left in ``output_dir``; a resumed one
+    keeps the record of the run it continues."""
+    if not resumed and (Path(output_dir) / "validation").is_dir():
+        _write_validation_record(output_dir, [])
+
+
+def add_validation_grid(output_dir, relative):
+    """Record ``relative`` (``validation/step-<N>.png``) as one of this run's grids."""
+    record = Path(output_dir) / VALIDATION_RECORD
+    grids = json.loads(record.read_text())["grids"] if record.is_file() else []
+    _write_validation_record(output_dir, [*grids, relative])
 
 
 def latest_validation_grid(output_dir):

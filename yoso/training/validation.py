@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from yoso.outputs.output_files import add_validation_grid
 from yoso.utils.atomic import atomic_path
 
 VALIDATION_STEPS = (1, 2)
@@ -58,6 +59,7 @@ def save_and_log_validation(accelerator, columns, images, prompts, step, output_
     path = folder / f"step-{step:06d}.png"
     with atomic_path(path) as tmp:
         grid.save(tmp)
+    add_validation_grid(output_dir, f"validation/{path.name}")
     (folder / "README.txt").write_text(
         "Each grid: one row per validation prompt; columns, left to right: " + ", ".join(columns) + " "
         + "(guidance " + ", ".join(f"{steps}-step {g}" for steps, g in VALIDATION_GUIDANCE.items()) + ").\n"
