@@ -177,3 +177,28 @@ def test_a_full_disk_during_training_is_one_line_and_exit_1(tiny_base, tiny_teac
                                    f"{output_dir / 'checkpoint-4'} (")
     assert sorted(p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
     assert leftovers(output_dir) == []
+
+
+def test_two_processes_stop_together_under_accelerate_launch(tiny_base, tiny_teacher, tmp_path):
+    """Ctrl-C in a terminal signals the launcher and both workers (one process group): the workers agree on the
+    step, rank 0 prints the one line, nothing is half-written. The launcher (torch elastic) then prints its own
+    SignalException traceback and exits 1: no traceback comes from train_yoso_lora.py."""
+    output_dir = tmp_path / "out"
+    args = tiny_train_args(tiny_base, tiny_teacher, write_prompts(tmp_path / "p.jsonl"), output_dir, steps=100000,
+                           checkpointing_steps=2, report_to="none")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "train_yoso_lora.py"), *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    wait_for(output_dir / "checkpoint-2", process)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    ours = [line for line in err.splitlines() if line.startswith("train_yoso_lora.py:")]
+    assert len(ours) == 1, err[-3000:]
+    match = MESSAGE.match(ours[0])
+    assert match and int(match.group(1)) >= 2 and Path(match.group(2)).is_dir(), ours
+    assert "train_yoso_lora.py\", line" not in err, err[-3000:]
+    assert process.returncode != 0
+    assert leftovers(output_dir) == [] and not (output_dir / "pytorch_lora_weights.safetensors").exists()
