@@ -463,6 +463,23 @@ def card_rows(rows, ratio, global_batch=256):
     return out
 
 
+def card_table(report):
+    """The users' table (README and docs/performance.md print it verbatim; a test checks they match the JSON)."""
+    cards = {}
+    for c in report["cards"]:
+        cards.setdefault(c["card_gb"], {})[c["teacher_latent_cache"]] = c
+
+    def cell(c):
+        if not c["micro_batch"]:
+            return "does not fit"
+        return (f"`--train_batch_size {c['micro_batch']} --gradient_accumulation_steps "
+                f"{c['gradient_accumulation_steps']}` ({c['modeled_peak_bytes'] / GIB:.1f} GiB)")
+
+    lines = ["| GPU memory | teacher-latent cache (no teacher on the card) | teacher on the card |", "|---|---|---|"]
+    lines += [f"| {gb} GB | {cell(d[True])} | {cell(d[False])} |" for gb, d in sorted(cards.items())]
+    return "\n".join(lines)
+
+
 def markdown(report):
     g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     lines = ["# Memory model of the training step (sd15, 512 px, fp16, LoRA 64, EMA)", "",

@@ -4,7 +4,7 @@ The subpackages are the layers of a run, lowest first; a module imports its own 
 (tests/test_layout.py checks it):
 
 - ``utils``       files written whole or not at all, library notices, models' configs read without weights,
-                  precision (frozen weights' dtype, D's own fp16 gradient scaler)
+                  precision (frozen weights' dtype, D's own fp16 gradient scaler, shared autocast casts)
 - ``data``        where training latents come from: prompt files and the sharded sampler, the teacher (SD-Turbo),
                   real image-caption data (folders, Hub datasets, tar shards), latent spaces, the teacher-latent
                   cache, latent statistics, JourneyDB preparation, the CLIP BPE tables
