@@ -136,6 +136,9 @@ def build_parser():
     p.add_argument("--discriminator_chunks", type=discriminator_chunks_arg, default=1,
                    help="Run D's update on [real ; fake] in this many pieces (1, or even: 2 = real, then fake); "
                         "less memory for D's graph, the same gradient.")
+    p.add_argument("--generator_chunks", type=int, default=1,
+                   help="Run F's and D's passes on G's output (G's losses) in this many pieces of the batch, each "
+                        "backpropagated at once: less memory for their graphs, the same gradient (default: 1).")
     # Checkpoints, validation, logging, hub
     p.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-<step> folder every N optimizer steps.")
     p.add_argument("--checkpoint_on_interrupt", action="store_true",

@@ -216,6 +216,11 @@ def test_consecutive_non_finite_losses_stop_the_run(tiny_base, tiny_teacher):
 @pytest.mark.parametrize("settings", [
     {"step_order": "discriminator_first", "discriminator_chunks": 4, "gan": "batch"},  # halves in pieces: D pre-pass
     {"step_order": "generator_first", "discriminator_chunks": 2, "gan": "sample"},
+    # G's losses on its output in pieces: F and D per piece, the batch-mean logit from a pass without gradient
+    {"generator_chunks": 2, "gan": "batch"},
+    {"generator_chunks": 3, "step_order": "discriminator_first", "gan": "sample"},
+    {"generator_chunks": 4, "gan": "batch", "kl_loss": "lpl", "kl_weighting": "batch"},
+    {"generator_chunks": 2, "gan": "sample", "kl_loss": "lpl", "kl_weighting": "sample", "consistency_loss": "mse"},
     # one backward through F, D and G together (the order before staged backward): same losses and gradients
     {"staged_backward": False, "gan": "batch"},
     {"staged_backward": False, "step_order": "discriminator_first", "gan": "sample"},
@@ -230,8 +235,10 @@ def test_other_orders_match_the_golden_reference(tiny_base, monkeypatch, setting
 
     settings = dict(settings)
     gan = settings.pop("gan")
+    losses_kwargs = {k: settings.pop(k) for k in ("kl_loss", "consistency_loss") if k in settings}
+    kl_weighting = settings.pop("kl_weighting", "batch")
     monkeypatch.setattr(golden, "build_trainer", functools.partial(harness.build_trainer, **settings))
-    (losses, d_grads, g_grads), _, logs, seen = golden.run_both(tiny_base, "batch", gan)
+    (losses, d_grads, g_grads), _, logs, seen = golden.run_both(tiny_base, kl_weighting, gan, **losses_kwargs)
     for name, value in losses.items():
         assert abs(logs[name].item() - value.item()) <= golden.TOL * max(1.0, abs(value.item())), (name, settings)
     assert len(seen["d"]) == len(d_grads) and len(seen["g"]) == len(g_grads) > 0

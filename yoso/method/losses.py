@@ -40,6 +40,23 @@ def consistency_loss(pred, target, weight):
     return (weight * _per_sample_mse(pred, target)).mean()
 
 
+def consistency_loss_part(pred, target, weight, batch):
+    """The part of :func:`consistency_loss` that these samples (of a batch of ``batch``) make: the parts of a
+    batch's pieces add up to the loss, and each has the loss's gradient w.r.t. its samples."""
+    return (weight * _per_sample_mse(pred, target)).sum() / batch
+
+
+def data_loss_part(pred, target, weight, batch_weight_mean, batch, weighting="batch"):
+    """The part of :func:`data_loss` that these samples make (``weight``: theirs; ``batch_weight_mean``: the
+    whole batch's mean weight, which "batch" weighting multiplies every sample by)."""
+    per_sample = _per_sample_mse(pred, target)
+    if weighting == "batch":
+        return batch_weight_mean * per_sample.sum() / batch
+    if weighting == "sample":
+        return (weight * per_sample).sum() / batch
+    raise ValueError(f"--kl_weighting must be one of {KL_WEIGHTINGS}, got {weighting!r}")
+
+
 def data_loss(pred, target, weight, weighting="batch"):
     """The MSE to the data latents x0 ("KL" in the public code), weighted by w = min(SNR(t), gamma):
 

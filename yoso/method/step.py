@@ -7,6 +7,7 @@ UNet work per step, with B prompts (default losses):
   F           1 pass with gradient on pred, 1 without on the consistency target (G's encoder half, LoRA off);
               none with --consistency_loss mse; --kl_loss lpl adds x0 to the pass without gradient
   D           1 pass on [real ; fake] in D's update (--discriminator_chunks N: N passes), 1 pass on pred in G's update
+              (--generator_chunks N: N passes, and with the batch-mean GAN loss 1 more without gradient)
 
 Real and fake go through D in one batch, and x_td and x_tp through G in one batch: every layer of both is
 per-sample (GroupNorm, attention within a sample), so this is the same computation as two passes, with
@@ -52,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from yoso.method.health import discriminator_accuracy, gradient_norm
-from yoso.method.losses import consistency_loss, data_loss, discriminator_loss, generator_adversarial_loss
+from yoso.method.losses import (consistency_loss, consistency_loss_part, data_loss, data_loss_part,
+                                discriminator_loss, generator_adversarial_loss)
 from yoso.utils.precision import scaled_backward, separate_discriminator_scaler
 from yoso.data.teacher import teacher_noise, teacher_noise_seeds
 from yoso.method.unet_encoder import gradient_checkpointing_disabled
@@ -128,8 +130,8 @@ class YOSOTrainingStep:
     def __init__(self, accelerator, *, unet, discriminator, feature_net, text_encoder, latent_source, schedule,
                  optimizer_g, optimizer_d, lr_scheduler, ema, loss_config, latent_shape, teacher_noise_shape=None,
                  seed=0, noise_offset=0.0, input_perturbation=0.0, max_grad_norm=1.0, max_nonfinite_steps=20,
-                 step_order="generator_first", discriminator_chunks=1, channels_last=False, staged_backward=True,
-                 timer=no_timer):
+                 step_order="generator_first", discriminator_chunks=1, generator_chunks=1, channels_last=False,
+                 staged_backward=True, timer=no_timer):
         self.accelerator = accelerator
         self.unet = unet
         self.unet_module = accelerator.unwrap_model(unet)
@@ -154,7 +156,10 @@ class YOSOTrainingStep:
             raise ValueError(f"--step_order must be one of {STEP_ORDERS}, got {step_order!r}")
         if discriminator_chunks < 1 or (discriminator_chunks > 1 and discriminator_chunks % 2):
             raise ValueError(f"--discriminator_chunks must be 1 or even, got {discriminator_chunks}")
+        if generator_chunks < 1 or (generator_chunks > 1 and not staged_backward):
+            raise ValueError(f"--generator_chunks must be >= 1 (and > 1 needs the staged backward), got {generator_chunks}")
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.generator_chunks = int(generator_chunks)
         self.step_order = step_order
         self.discriminator_chunks = int(discriminator_chunks)
         self.channels_last = channels_last
@@ -256,18 +261,21 @@ class YOSOTrainingStep:
             # backpropagated to it as soon as each loss exists, so they are never alive together, nor with the
             # other; G's graph then takes their summed gradient in one backward (same gradients, less memory).
             g_input = pred.detach().requires_grad_() if self.staged_backward else pred
-            loss_con, loss_kl = self.generator_data_losses(g_input, target, x0, t, t_p, c)
-            if self.staged_backward:
-                with timer("feature_net"):
-                    self._backward_to_pred(cfg.lambda_con * loss_con + cfg.lambda_kl * loss_kl)
-            with timer("adversarial"):
-                # D is frozen here; no checkpointing either, since a recomputation would see D's
-                # parameters requiring grad again and save different tensors.
-                with frozen(self.discriminator_module), gradient_checkpointing_disabled(self.discriminator_module):
-                    logits_pred = self.discriminator_module(self._layout(g_input), t, c)
-                loss_adv = generator_adversarial_loss(logits_pred, cfg.gan_loss_reduction)
+            if self.generator_chunks > 1:
+                loss_con, loss_kl, loss_adv = self.generator_losses_in_pieces(g_input, target, x0, t, t_p, c)
+            else:
+                loss_con, loss_kl = self.generator_data_losses(g_input, target, x0, t, t_p, c)
                 if self.staged_backward:
-                    self._backward_to_pred(cfg.lambda_adv * loss_adv)
+                    with timer("feature_net"):
+                        self._backward_to_pred(cfg.lambda_con * loss_con + cfg.lambda_kl * loss_kl)
+                with timer("adversarial"):
+                    # D is frozen here; no checkpointing either, since a recomputation would see D's
+                    # parameters requiring grad again and save different tensors.
+                    with frozen(self.discriminator_module), gradient_checkpointing_disabled(self.discriminator_module):
+                        logits_pred = self.discriminator_module(self._layout(g_input), t, c)
+                    loss_adv = generator_adversarial_loss(logits_pred, cfg.gan_loss_reduction)
+                    if self.staged_backward:
+                        self._backward_to_pred(cfg.lambda_adv * loss_adv)
             loss_g = cfg.lambda_con * loss_con + cfg.lambda_kl * loss_kl + cfg.lambda_adv * loss_adv
             self._g_window_ok &= torch.isfinite(loss_g)
 
@@ -415,6 +423,52 @@ class YOSOTrainingStep:
         else:
             loss_kl = data_loss(pred, x0, w_kl, cfg.kl_weighting)
         return loss_con, loss_kl
+
+    def generator_losses_in_pieces(self, pred, target, x0, t, t_p, c):
+        """G's three losses on its detached output ``pred``, F's and D's passes in ``generator_chunks`` pieces of
+        the batch, each piece backpropagated to ``pred`` at once: F's and D's graphs hold B/N samples at a time.
+        Same gradients: the consistency and data losses are sums over samples / B; the batch-mean logit's
+        softplus has the per-logit gradient -sigmoid(-m)/B, with m from one D pass without gradient first (as in
+        D's update in pieces). Returns (loss_con, loss_kl, loss_adv), detached; the first two are their pieces'
+        sum, equal to the whole batch's up to summation order."""
+        cfg, timer, batch = self.config, self.timer, pred.shape[0]
+        base, extra = divmod(batch, self.generator_chunks)
+        ends = torch.tensor([base + (i < extra) for i in range(self.generator_chunks)]).cumsum(0).tolist()
+        pieces = [slice(a, b) for a, b in zip([0] + ends[:-1], ends) if b > a]
+        w_con = self.schedule.consistency_weight(t, t_p, cfg.snr_gamma)
+        w_kl = self.schedule.kl_weight(t, cfg.snr_gamma)
+        in_features = [name for name, kind in (("target", cfg.consistency_loss), ("x0", cfg.kl_loss)) if kind == "lpl"]
+        refs = {"target": target, "x0": x0}  # latent-space references, or F's features of them
+        loss_con = loss_kl = 0.0
+        with timer("feature_net"):
+            if in_features:
+                with torch.no_grad():
+                    features = self.feature_net(self._layout(torch.cat([refs[n] for n in in_features])),
+                                                torch.cat([c] * len(in_features)))
+                refs.update(zip(in_features, features.chunk(len(in_features))))
+            for piece in pieces:
+                x = pred[piece]
+                features = self.feature_net(self._layout(x), c[piece]) if in_features else None
+                con = consistency_loss_part(features if cfg.consistency_loss == "lpl" else x, refs["target"][piece],
+                                            w_con[piece], batch)
+                kl = data_loss_part(features if cfg.kl_loss == "lpl" else x, refs["x0"][piece], w_kl[piece],
+                                    w_kl.mean(), batch, cfg.kl_weighting)
+                self._backward_to_pred(cfg.lambda_con * con + cfg.lambda_kl * kl)
+                loss_con, loss_kl = loss_con + con.detach(), loss_kl + kl.detach()
+        with timer("adversarial"), frozen(self.discriminator_module), \
+                gradient_checkpointing_disabled(self.discriminator_module):
+            mean = None
+            if cfg.gan_loss_reduction == "batch":
+                with torch.no_grad():
+                    mean = torch.cat([self.discriminator_module(self._layout(pred[piece]), t[piece], c[piece])
+                                      for piece in pieces]).mean()
+            logits = []
+            for piece in pieces:
+                out = self.discriminator_module(self._layout(pred[piece]), t[piece], c[piece])
+                self._backward_to_pred(cfg.lambda_adv * self._piece_loss(out, -1.0, batch, mean))
+                logits.append(out.detach())
+            loss_adv = generator_adversarial_loss(torch.cat(logits), cfg.gan_loss_reduction)
+        return loss_con, loss_kl, loss_adv
 
     def _end_window(self, skip_d, skip_g, loss_d, loss_g):
         """After an optimizer step: reset the window's finiteness, count skips, stop after too many in a row.

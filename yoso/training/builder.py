@@ -79,6 +79,7 @@ class RunSettings:
     # Speed and memory: the same math, another schedule of the work (yoso.method.step's docstring)
     step_order: str = "generator_first"
     discriminator_chunks: int = 1
+    generator_chunks: int = 1
     torch_compile: bool = False
     torch_compile_backend: str = "inductor"
     channels_last: bool = False
@@ -249,6 +250,7 @@ def build_run(settings, accelerator, *, num_training_steps, parts=None, weight_d
         input_perturbation=settings.input_perturbation,
         max_grad_norm=settings.max_grad_norm, max_nonfinite_steps=settings.max_nonfinite_steps,
         step_order=settings.step_order, discriminator_chunks=settings.discriminator_chunks,
+        generator_chunks=settings.generator_chunks,
         channels_last=settings.channels_last, staged_backward=settings.staged_backward, timer=timer or no_timer)
     return TrainingRun(settings=settings, accelerator=accelerator, models=models, unet=unet,
                        discriminator=discriminator, unet_module=unet_module,

@@ -88,6 +88,7 @@ NUMERIC_FLAG_RANGES = {
     "adam_epsilon": ABOVE_0,
     "max_grad_norm": ABOVE_0,
     "discriminator_chunks": AT_LEAST_1,  # its argparse type also wants 1 or an even number
+    "generator_chunks": AT_LEAST_1,
     # outputs
     "checkpointing_steps": AT_LEAST_1,
     "checkpoints_total_limit": AT_LEAST_1,
