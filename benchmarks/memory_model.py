@@ -428,7 +428,7 @@ def row_of(result, name, measured=None):
     off only in the calibration rows, which model the code measured before it existed)."""
     row = {"name": name, "batch_size": result["batch_size"], "gradient_checkpointing": result["gradient_checkpointing"],
            "teacher_latent_cache": result["teacher_latent_cache"],
-           "flags": " ".join(f"--{k} {v}" for k, v in result["flags"].items() if k not in NOT_FLAGS),
+           "flags": flag_text(result["flags"]),
            "staged_backward": result["flags"].get("staged_backward", True),
            "share_autocast_casts": result["flags"].get("share_autocast_casts", True),
            "modeled_peak_bytes": result["peak_bytes"], "modeled_resident_bytes": result["resident_bytes"],
@@ -446,20 +446,37 @@ def fits(modeled_peak, card_gb, ratio):
     return modeled_peak / ratio / GIB + CONTEXT_GIB <= card_gb
 
 
+# The step's memory flags recommended with and without gradient checkpointing (same losses and gradients; each
+# costs some speed, not yet measured on a GPU): where the peak is in each case, see docs/performance.md.
+MEMORY_FLAGS = {False: {"step_order": "discriminator_first", "generator_chunks": 2},
+                True: {"generator_chunks": 4, "discriminator_chunks": 2}}
+# The card table's configurations, all with gradient checkpointing: (name, teacher-latent cache, flags)
+CARD_CONFIGS = (("defaults, teacher on the card", False, {}),
+                ("memory flags, teacher on the card", False, MEMORY_FLAGS[True]),
+                ("memory flags, teacher-latent cache", True, MEMORY_FLAGS[True]))
+CARD_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # the micro-batches that divide the released global batch of 256
+
+
+def flag_text(flags):
+    return " ".join(f"--{k} {v}" for k, v in flags.items() if k not in NOT_FLAGS)
+
+
 def card_rows(rows, ratio, global_batch=256):
-    """For each card: the largest modeled micro-batch that fits, per configuration, and the accumulation that
+    """For each card and configuration: the largest modeled micro-batch that fits, and the accumulation that
     reaches the released global batch (256) on one GPU."""
     out = []
     for card in CARDS_GB:
-        for cache in (True, False):
+        for name, cache, flags in CARD_CONFIGS:
             # micro-batches that divide the global batch, so that accumulation reaches it exactly
             candidates = [r for r in rows if r["teacher_latent_cache"] == cache and r["gradient_checkpointing"]
-                          and global_batch % r["batch_size"] == 0 and fits(r["modeled_peak_bytes"], card, ratio)]
+                          and r["flags"] == flag_text(flags) and global_batch % r["batch_size"] == 0
+                          and fits(r["modeled_peak_bytes"], card, ratio)]
             best = max(candidates, key=lambda r: r["batch_size"], default=None)
-            out.append({"card_gb": card, "teacher_latent_cache": cache, "gradient_checkpointing": True,
+            out.append({"card_gb": card, "configuration": name, "teacher_latent_cache": cache,
+                        "gradient_checkpointing": True, "flags": flag_text(flags),
                         "micro_batch": best["batch_size"] if best else 0,
                         "modeled_peak_bytes": best["modeled_peak_bytes"] if best else None,
-                        "gradient_accumulation_steps": -(-global_batch // best["batch_size"]) if best else None})
+                        "gradient_accumulation_steps": global_batch // best["batch_size"] if best else None})
     return out
 
 
@@ -467,16 +484,17 @@ def card_table(report):
     """The users' table (README and docs/performance.md print it verbatim; a test checks they match the JSON)."""
     cards = {}
     for c in report["cards"]:
-        cards.setdefault(c["card_gb"], {})[c["teacher_latent_cache"]] = c
+        cards.setdefault(c["card_gb"], {})[c["configuration"]] = c
 
     def cell(c):
         if not c["micro_batch"]:
             return "does not fit"
-        return (f"`--train_batch_size {c['micro_batch']} --gradient_accumulation_steps "
-                f"{c['gradient_accumulation_steps']}` ({c['modeled_peak_bytes'] / GIB:.1f} GiB)")
+        return (f"{c['micro_batch']} x {c['gradient_accumulation_steps']} "
+                f"({c['modeled_peak_bytes'] / GIB:.1f} GiB)")
 
-    lines = ["| GPU memory | teacher-latent cache (no teacher on the card) | teacher on the card |", "|---|---|---|"]
-    lines += [f"| {gb} GB | {cell(d[True])} | {cell(d[False])} |" for gb, d in sorted(cards.items())]
+    names = [name for name, _, _ in CARD_CONFIGS]
+    lines = ["| GPU memory | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {gb} GB | " + " | ".join(cell(d[n]) for n in names) + " |" for gb, d in sorted(cards.items())]
     return "\n".join(lines)
 
 
@@ -505,11 +523,8 @@ def markdown(report):
                          f"{'on' if r['teacher_latent_cache'] else 'off'} | {r['flags'] or '-'} | {g(r['modeled_peak_bytes'])} |")
     if report.get("cards"):
         lines += ["", f"## Cards (modeled; fits = modeled peak / {report['fit_ratio']:.3f} + {CONTEXT_GIB} GiB "
-                  "context <= the card)", "", "| card | teacher-latent cache | micro-batch | accumulation to 256 | modeled peak |",
-                  "|---|---|---|---|---|"]
-        for c in report["cards"]:
-            lines.append(f"| {c['card_gb']} GB | {'on' if c['teacher_latent_cache'] else 'off'} | {c['micro_batch'] or 'does not fit'} | "
-                         f"{c['gradient_accumulation_steps'] or '-'} | {g(c['modeled_peak_bytes']) if c['modeled_peak_bytes'] else '-'} |")
+                  "context <= the card; micro-batch x accumulation to 256)", "",
+                  "Memory flags: `" + flag_text(MEMORY_FLAGS[True]) + "`.", "", card_table(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -532,7 +547,7 @@ def main(argv=None):
     p.add_argument("--flags", default="", help='settings overrides, e.g. "step_order=discriminator_first discriminator_chunks=2"')
     p.add_argument("--calibrate", action="store_true",
                    help="model the H200 rows, the recommended rows and the card table; write --output (.json and .md)")
-    p.add_argument("--card_batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64])
+    p.add_argument("--card_batches", type=int, nargs="+", default=list(CARD_BATCHES))
     p.add_argument("--cards_only", action="store_true",
                    help="recompute the card table of an existing --output (or the default results) from its rows")
     p.add_argument("--output", default=None, help=f"JSON path (.md beside it); default with --calibrate: {RESULTS}.json")
@@ -553,18 +568,19 @@ def main(argv=None):
             print(describe(r, m["peak_memory"]), flush=True)
             rows.append(row_of(r, m["name"], m))
         ratio = min(r["modeled_over_measured"] for r in rows)
-        for gc in (False, True):  # the goal rows: today's defaults, and with the recommended order
+        for gc in (False, True):  # the goal rows: today's defaults, the other order, the recommended memory flags
             for cache in (False, True):
-                for flags in ({}, {"step_order": "discriminator_first"}):
+                for suffix, flags in (("", {}), ("-discriminator_first", {"step_order": "discriminator_first"}),
+                                      ("-memory_flags", MEMORY_FLAGS[gc])):
                     r = model_step("sd15", 16, gc, cache, **flags)
                     print(describe(r), flush=True)
-                    rows.append(row_of(r, f"goal-bs16-gc_{'on' if gc else 'off'}-cache_{'on' if cache else 'off'}"
-                                          + ("-discriminator_first" if flags else "")))
-        for cache in (True, False):
+                    rows.append(row_of(r, f"goal-bs16-gc_{'on' if gc else 'off'}-cache_{'on' if cache else 'off'}{suffix}"))
+        for name, cache, flags in CARD_CONFIGS:
             for bs in args.card_batches:
-                r = model_step("sd15", bs, True, cache)
+                r = model_step("sd15", bs, True, cache, **flags)
                 print(describe(r), flush=True)
-                rows.append(row_of(r, f"card-bs{bs}-gc_on-cache_{'on' if cache else 'off'}"))
+                rows.append(row_of(r, f"card-bs{bs}-gc_on-cache_{'on' if cache else 'off'}"
+                                      + ("-memory_flags" if flags else "")))
         report = {"model": "benchmarks/memory_model.py", "command": "python benchmarks/memory_model.py --calibrate",
                   "torch": torch.__version__, "fit_ratio": ratio, "rows": rows}
         report["cards"] = card_rows([r for r in rows if r["name"].startswith("card-")], ratio)

@@ -129,6 +129,15 @@ def test_committed_calibration_rows():
     # the calibration models the code measured; every other row today's step
     assert all(not r["staged_backward"] and not r["share_autocast_casts"] for r in calibration)
     assert all(r["staged_backward"] and r["share_autocast_casts"] for r in report["rows"] if r not in calibration)
+    assert {(c["configuration"], c["flags"]) for c in report["cards"]} == {
+        (name, mm.flag_text(flags)) for name, _, flags in mm.CARD_CONFIGS}
+    # issue 19's goal on the model: batch 16, teacher on the card, the recommended memory flags, <= 0.70x the
+    # authors' measured peaks (48.35 GiB without gradient checkpointing, 28.59 with it)
+    rows = {r["name"]: r for r in report["rows"]}
+    for gc, authors in (("off", 48.35), ("on", 28.59)):
+        row = rows[f"goal-bs16-gc_{gc}-cache_off-memory_flags"]
+        assert row["flags"] == mm.flag_text(mm.MEMORY_FLAGS[gc == "on"])
+        assert row["modeled_peak_bytes"] <= 0.70 * authors * mm.GIB, (gc, row["modeled_peak_bytes"] / mm.GIB)
     for card in report["cards"]:
         if card["micro_batch"]:
             assert card["micro_batch"] * card["gradient_accumulation_steps"] == 256

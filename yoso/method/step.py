@@ -32,8 +32,8 @@ computed on a detached copy of ``pred`` and backpropagated to it as soon as it e
 for accumulation by ``accelerator.backward``, as the whole loss would be), which frees F's graph before D's pass
 and D's graph before G's backward; G's graph then takes the summed gradient in one backward, so DDP still sees
 one backward per forward. Same gradients (autograd sums a tensor's incoming gradients the same way); at batch 16,
-512 px with gradient checkpointing the memory model (``benchmarks/memory_model.py``) puts the step's peak at
-17.1 GiB instead of 22.2.
+512 px with gradient checkpointing and the teacher-latent cache the memory model (``benchmarks/memory_model.py``)
+put the step's peak at 17.84 GiB instead of 22.96 when it came in.
 
 Host synchronisation: the step's noise is drawn on the CPU (device-independent and exactly resumable) at its
 start, host-to-device copies are pinned and non-blocking on CUDA, and the schedule's tables live on the device;
