@@ -554,5 +554,5 @@ def test_default_hub_model_offline_is_one_line_without_hub_notices(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("inference_examples.py: error: could not load --base_model stablediffusionapi/realistic-vision-v51")
+    assert lines[0].startswith("inference_examples.py: error: could not load --pretrained_model_name_or_path stablediffusionapi/realistic-vision-v51")
     assert not (tmp_path / "out").exists()
