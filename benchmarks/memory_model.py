@@ -252,6 +252,7 @@ def meta_accelerator():
     """An Accelerator whose device is ``meta`` and which places nothing (meta tensors cannot be copied out);
     ``autocast()`` is CUDA's fp16 autocast, emulated."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     class MetaAccelerator(Accelerator):
         @property
@@ -264,6 +265,10 @@ def meta_accelerator():
         def gather(self, tensor):
             return tensor
 
+    # accelerate's state is a process singleton: a model run after another Accelerator in the same process
+    # (a notebook, a test worker) must not inherit that one's mixed precision, or refuse to start.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     return MetaAccelerator(cpu=True, device_placement=False, mixed_precision="no")
 
 

@@ -88,6 +88,10 @@ def test_attention_is_counted_as_the_flash_kernel_holds_it():
 
 @pytest.fixture(scope="module")
 def tiny_results():
+    from harness import fresh_accelerator
+
+    # Another test's Accelerator in this worker (here one with fp16) must not stop the model from starting.
+    fresh_accelerator(mixed_precision="fp16")
     runs = {}
     for name, kwargs in {"b2": dict(batch_size=2), "b4": dict(batch_size=4),
                          "b4_gc": dict(batch_size=4, gradient_checkpointing=True),
