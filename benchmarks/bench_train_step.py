@@ -15,6 +15,9 @@ Each option below that takes several values runs every combination, building the
     python benchmarks/bench_train_step.py --recipe --gradient_checkpointing off on \
         --step_order generator_first discriminator_first --discriminator_chunks 1 2 --output bench_sd15.json
 
+``--memory_flags`` adds, for each checkpointing setting, the configuration the memory model recommends
+(``benchmarks/memory_model.py``'s ``MEMORY_FLAGS``), so a GPU run measures what the README's card table models.
+
 ``--recipe`` is the published per-GPU setting (sd15, fp16, batch 16, gradient checkpointing, EMA, LoRA rank 64,
 512 px); ``--torch_compile``, ``--channels_last`` and ``--adam_fused`` are the training script's flags (one value
 per process: they change how the models are built).
@@ -494,21 +497,24 @@ class Bench:
         return psutil.Process().memory_info().rss
 
     # -- one configuration
-    def run_config(self, batch_size, gradient_checkpointing, cache, step_order="generator_first", discriminator_chunks=1):
+    def run_config(self, batch_size, gradient_checkpointing, cache, step_order="generator_first", discriminator_chunks=1,
+                   generator_chunks=1):
         from yoso.data.prompts import ShardedPromptSampler, tokenize_prompts
         from yoso.method.step import NonFiniteLossError, no_timer, step_generator
 
         args, m, accelerator = self.args, self.models, self.accelerator
-        name = config_name(batch_size, gradient_checkpointing, cache, step_order, discriminator_chunks)
+        name = config_name(batch_size, gradient_checkpointing, cache, step_order, discriminator_chunks, generator_chunks)
         result = {"name": name, "batch_size": batch_size, "resolution": self.resolution,
                   "gradient_checkpointing": gradient_checkpointing, "cache": cache == "on",
                   "step_order": step_order, "discriminator_chunks": discriminator_chunks,
+                  "generator_chunks": generator_chunks,
                   "mixed_precision": accelerator.mixed_precision, "use_8bit_adam": args.use_8bit_adam}
         set_gradient_checkpointing([self.unet_module, self.discriminator_module], gradient_checkpointing)
         timer = PhaseTimer(self.device)
         trainer = self.run.trainer
         trainer.timer = timer
         trainer.step_order, trainer.discriminator_chunks = step_order, discriminator_chunks
+        trainer.generator_chunks = generator_chunks
         trainer.latent_source = m.latent_source if cache == "off" else None
         prompts = self.prompts(self.num_prompts())
         sampler = ShardedPromptSampler(len(prompts), batch_size, 1, 0, args.seed)
@@ -691,21 +697,17 @@ class Bench:
         self.write()
         print(f"[bench] {self.config['name']} on {self.report['device']['name']} ({self.device.type}), "
               f"built in {self.build_seconds:.1f}s", flush=True)
-        for cache in args.cache:
+        for batch_size, gradient_checkpointing, cache, step_order, d_chunks, g_chunks in configurations(args):
             if cache == "on" and self.reader is None:
                 self.build_cache()
                 self.write()
                 c = self.report["cache"]
                 print(f"[bench] cache: {c['prompts']} prompts in {c['build_seconds']:.1f}s; freeing the teacher freed "
                       f"{c['teacher_memory_freed'] / 2**20:.0f} MiB ({c['memory_kind']})", flush=True)
-            for batch_size in args.batch_size:
-                for gc_mode in args.gradient_checkpointing:
-                    for step_order in args.step_order:
-                        for chunks in args.discriminator_chunks:
-                            result = self.run_config(batch_size, gc_mode == "on", cache, step_order, chunks)
-                            self.report["results"].append(result)
-                            self.write()
-                            print(f"[bench] {format_result(result)}", flush=True)
+            result = self.run_config(batch_size, gradient_checkpointing, cache, step_order, d_chunks, g_chunks)
+            self.report["results"].append(result)
+            self.write()
+            print(f"[bench] {format_result(result)}", flush=True)
         table = format_table(self.report)
         print(table, flush=True)
         if self.args.output:  # the tables beside the JSON (gpu_run.sh commits both)
@@ -718,12 +720,36 @@ def size(nbytes):
     return f"{nbytes / 2**30:.2f} GiB" if abs(nbytes) >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
-def config_name(batch_size, gradient_checkpointing, cache, step_order="generator_first", discriminator_chunks=1):
+def configurations(args):
+    """(batch, checkpointing, cache, order, D chunks, G chunks) for every run: each combination of the options'
+    values, cache off first (the teacher is freed for the cache), then with ``--memory_flags`` the memory
+    model's recommended configuration for each checkpointing setting (once, if not already among them)."""
+    result = []
+    for cache in args.cache:
+        for batch_size in args.batch_size:
+            for gc_mode in args.gradient_checkpointing:
+                combos = [(o, d, g) for o in args.step_order for d in args.discriminator_chunks for g in args.generator_chunks]
+                if args.memory_flags:
+                    sys.path.insert(0, str(Path(__file__).resolve().parent))
+                    from memory_model import MEMORY_FLAGS
+
+                    flags = MEMORY_FLAGS[gc_mode == "on"]
+                    recommended = (flags.get("step_order", "generator_first"), flags.get("discriminator_chunks", 1),
+                                   flags.get("generator_chunks", 1))
+                    combos += [recommended] if recommended not in combos else []
+                result += [(batch_size, gc_mode == "on", cache, *combo) for combo in combos]
+    return result
+
+
+def config_name(batch_size, gradient_checkpointing, cache, step_order="generator_first", discriminator_chunks=1,
+                generator_chunks=1):
     name = f"bs{batch_size}-gc_{'on' if gradient_checkpointing else 'off'}-cache_{cache}"
     if step_order != "generator_first":
         name += f"-{step_order}"
     if discriminator_chunks != 1:
         name += f"-dchunks{discriminator_chunks}"
+    if generator_chunks != 1:
+        name += f"-gchunks{generator_chunks}"
     return name
 
 
@@ -747,7 +773,8 @@ def model_flops(report, r):
         return r["model_flops_per_step"]
     if not r["gradient_checkpointing"]:
         return r.get("flops_per_step")
-    key = lambda x: (x["batch_size"], x["cache"], x.get("step_order", "generator_first"), x.get("discriminator_chunks", 1))  # noqa: E731
+    key = lambda x: (x["batch_size"], x["cache"], x.get("step_order", "generator_first"), x.get("discriminator_chunks", 1),  # noqa: E731
+                     x.get("generator_chunks", 1))
     same = [x for x in report["results"] if x["status"] == "ok" and not x["gradient_checkpointing"] and key(x) == key(r)]
     return same[0].get("flops_per_step") if same else None
 
@@ -770,13 +797,14 @@ def format_table(report):
     lines = [f"{report['config']} on {where}, {settings['mixed_precision']} mixed precision, "
              f"{settings['resolution']} px, LoRA rank {settings['lora_rank']}" + (f", {', '.join(speed)}" if speed else ""),
              "",
-             "| batch | grad. ckpt | cache | order | D chunks | s/step | img/s | peak mem (GiB) | GFLOP/step (model / run) "
+             "| batch | grad. ckpt | cache | order | D chunks | G chunks | s/step | img/s | peak mem (GiB) | GFLOP/step (model / run) "
              "| model TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = []
     for r in report["results"]:
         head = (f"| {r['batch_size']} | {'on' if r['gradient_checkpointing'] else 'off'} | {'on' if r['cache'] else 'off'} "
-                f"| {r.get('step_order', 'generator_first')} | {r.get('discriminator_chunks', 1)} ")
+                f"| {r.get('step_order', 'generator_first')} | {r.get('discriminator_chunks', 1)} "
+                f"| {r.get('generator_chunks', 1)} ")
         if r["status"] != "ok":
             lines.append(head + f"| {r['status'].upper()} |" + " |" * 5)
             continue
@@ -793,8 +821,8 @@ def format_table(report):
             f"| {giga(model)} / {giga(flops)} | {model_rate} | {f'{mfu:.1%}' if mfu else '-'} |")
     if ok:
         lines += ["", "Median seconds per phase (device-synchronized):", "",
-                  "| batch | grad. ckpt | cache | order | D chunks | " + " | ".join(PHASES) + " | other |",
-                  "|---|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
+                  "| batch | grad. ckpt | cache | order | D chunks | G chunks | " + " | ".join(PHASES) + " | other |",
+                  "|---|---|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
         for head, r in ok:
             p = r["phases_median_seconds"]
             lines.append(head + "| " + " | ".join(f"{p[k]:.3f}" if k in p else "-" for k in (*PHASES, "other")) + " |")
@@ -803,8 +831,9 @@ def format_table(report):
         kind = "torch.cuda.max_memory_allocated" if with_memory[0][1]["memory_kind"] != "process_rss" else "process RSS"
         lines += ["", f"Peak memory inside each phase, MiB ({kind}, reset at each phase boundary; 'other': between "
                       "phases; 'resident': before the measured steps):",
-                  "", "| batch | grad. ckpt | cache | order | D chunks | resident | " + " | ".join(PHASES) + " | other |",
-                  "|---|---|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
+                  "", "| batch | grad. ckpt | cache | order | D chunks | G chunks | resident | " + " | ".join(PHASES)
+                  + " | other |",
+                  "|---|---|---|---|---|---|---|" + "---|" * (len(PHASES) + 1)]
         for head, r in with_memory:
             m = r["phase_peak_memory"]
             lines.append(head + f"| {r['resident_memory'] / 2**20:.0f} | "
@@ -846,6 +875,11 @@ def parse_args(argv=None):
                    help="The training step's order (train_yoso_lora.py --step_order).")
     p.add_argument("--discriminator_chunks", type=int, nargs="+", default=[1],
                    help="Pieces of D's update (train_yoso_lora.py --discriminator_chunks): 1 or even.")
+    p.add_argument("--generator_chunks", type=int, nargs="+", default=[1],
+                   help="Pieces of F's and D's passes in G's update (train_yoso_lora.py --generator_chunks): >= 1.")
+    p.add_argument("--memory_flags", action="store_true",
+                   help="Also run the memory model's recommended flags for each --gradient_checkpointing value "
+                        "(benchmarks/memory_model.py MEMORY_FLAGS; the README's card table).")
     p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit for the LoRA and D (CUDA).")
     p.add_argument("--adam_fused", default="auto", choices=["auto", "on", "off"], help="As train_yoso_lora.py (auto: on CUDA).")
     p.add_argument("--torch_compile", action="store_true", help="As train_yoso_lora.py; compile time is reported apart.")
@@ -879,6 +913,9 @@ def parse_args(argv=None):
     for chunks in args.discriminator_chunks:
         if chunks < 1 or (chunks > 1 and chunks % 2):
             p.error(f"--discriminator_chunks {chunks}: give 1 or an even number")
+    for chunks in args.generator_chunks:
+        if chunks < 1:
+            p.error(f"--generator_chunks {chunks}: give 1 or more")
     args.cache = sorted(set(args.cache), key=["off", "on"].index)  # the teacher runs before it is freed
     return args
 
@@ -892,8 +929,7 @@ def main(argv=None):
     if args.batch_size is None:
         args.batch_size = [config.get("batch_size", 4)]
     if args.check:
-        names = [config_name(b, g == "on", c, o, k) for c in args.cache for b in args.batch_size
-                 for g in args.gradient_checkpointing for o in args.step_order for k in args.discriminator_chunks]
+        names = [config_name(*c) for c in configurations(args)]
         per_process = {k: getattr(args, k) for k in ("mixed_precision", "resolution", "lora_rank", "adam_fused",
                                                       "torch_compile", "channels_last", "exact_cpu_memory")}
         print(f"[bench] check: {config['name']} {per_process}: {', '.join(names)}")

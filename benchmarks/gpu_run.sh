@@ -3,7 +3,8 @@
 # 1. benchmarks/fp16_end_to_end.py: train_yoso_lora.py in fp16 on the tiny models (train, resume, load, sample);
 # 2. the step at the published recipe (sd15: SD1.5 base, SD-Turbo teacher, 512 px, fp16, batch 16, LoRA rank 64,
 #    EMA), gradient checkpointing off and on: --step_order generator_first / discriminator_first x
-#    --discriminator_chunks 1 / 2 (per-phase peak memory, MFU, host syncs per step);
+#    --discriminator_chunks 1 / 2, and the memory model's recommended flags for each (--memory_flags: the
+#    README's card table; per-phase peak memory, MFU, host syncs per step);
 # 3. the same with --channels_last, then with --torch_compile (compile time reported apart).
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh   # $OUT/fp16_e2e_<card>.json (+ _validation.png), gpu_run.log,
@@ -11,8 +12,8 @@
 #   OUT=/tmp/x bash benchmarks/gpu_run.sh --dry-run   # CPU check: fp16 emulated, the three calls' options, the
 #                                                     # first call on the tiny models
 #
-# Inner time limits (seconds, environment): E2E_TIMEOUT 150, ORDER_TIMEOUT 150, CHANNELS_LAST_TIMEOUT 60,
-# COMPILE_TIMEOUT 150; together under the 10 minutes a device call may take, with room to spare.
+# Inner time limits (seconds, environment): E2E_TIMEOUT 150, ORDER_TIMEOUT 180, CHANNELS_LAST_TIMEOUT 60,
+# COMPILE_TIMEOUT 150: 540 s together, under the 10 minutes a device call may take (each limit kills 15 s later at most).
 #
 # On a machine with torch, accelerate and huggingface_hub but not this project's other packages (a bare GPU
 # box that cannot reach PyPI), bring the pinned wheels in a .whl/ folder at the repository root:
@@ -117,9 +118,11 @@ PYEOF
 
 # The GPU calls. 1. Memory and speed of the step's orders at the published recipe (sd15, fp16, batch 16, rank
 # 64, 512 px, EMA, teacher on), gradient checkpointing off and on: today's order against D's update first, each
-# with D's update in one pass and in two; per-phase peak memory, MFU, host syncs. Fused AdamW is on (auto).
+# with D's update in one pass and in two, and the memory model's recommended flags (--memory_flags: without
+# checkpointing --step_order discriminator_first --generator_chunks 2, with it --generator_chunks 4
+# --discriminator_chunks 2); per-phase peak memory, MFU, host syncs. Fused AdamW is on (auto).
 ORDER_ARGS=(--recipe --gradient_checkpointing off on --step_order generator_first discriminator_first
-            --discriminator_chunks 1 2 --warmup_steps 2 --steps 3)
+            --discriminator_chunks 1 2 --memory_flags --warmup_steps 2 --steps 3)
 # 2. channels-last convolutions, eager.
 CHANNELS_LAST_ARGS=(--recipe --gradient_checkpointing off on --channels_last --warmup_steps 2 --steps 3 --no_flops)
 # 3. Regional torch.compile (inductor): compile time apart from s/step. Last: the slowest to start.
@@ -132,9 +135,9 @@ if [ "$DRY_RUN" = 1 ]; then
   "$PY" benchmarks/bench_train_step.py "${CHANNELS_LAST_ARGS[@]}" --check || RC=1
   "$PY" benchmarks/bench_train_step.py "${COMPILE_ARGS[@]}" --check || RC=1
   bench order 900 --config tiny --device cpu --mixed_precision no --batch_size 2 --warmup_steps 0 --steps 1 --threads 1 \
-    --gradient_checkpointing on --step_order generator_first discriminator_first --discriminator_chunks 2
+    --gradient_checkpointing on --step_order generator_first discriminator_first --discriminator_chunks 2 --memory_flags
 else
-  bench order "${ORDER_TIMEOUT:-150}" "${ORDER_ARGS[@]}"
+  bench order "${ORDER_TIMEOUT:-180}" "${ORDER_ARGS[@]}"
   bench channels_last "${CHANNELS_LAST_TIMEOUT:-60}" "${CHANNELS_LAST_ARGS[@]}"
   bench compile "${COMPILE_TIMEOUT:-150}" "${COMPILE_ARGS[@]}"
 fi

@@ -39,11 +39,14 @@ def check_report(report, names, flops=True):
             assert (r["flops_per_step"] > r["model_flops_per_step"]) == r["gradient_checkpointing"]
             assert "mfu" not in r  # no dense peak known for a CPU
         first = r["step_order"] == "discriminator_first"
-        chunks = r["discriminator_chunks"]
+        chunks, pieces = r["discriminator_chunks"], min(r["generator_chunks"], r["batch_size"])
         # G: x_t with a graph, [x_td ; x_tp] without (discriminator_first: [x_t ; x_td ; x_tp] without, x_t with).
         # F: pred with a graph, the target without. D: its update in `chunks` passes, then G's output.
-        passes = {"generator": 2, "feature_net": 2, "discriminator": chunks + 1}
-        samples = {"generator": 4 if first else 3, "feature_net": 2, "discriminator": 3}
+        # --generator_chunks: F on the target once, then on each piece of pred; D on every piece twice (the
+        # batch-mean logit without gradient first, then each piece with it).
+        passes = {"generator": 2, "feature_net": 2 if pieces == 1 else 1 + pieces,
+                  "discriminator": chunks + (1 if pieces == 1 else 2 * pieces)}
+        samples = {"generator": 4 if first else 3, "feature_net": 2, "discriminator": 3 if pieces == 1 else 4}
         if not r["cache"]:
             passes["teacher"], samples["teacher"] = 1, 1  # SD-Turbo: one teacher step
         assert r["unet_passes_per_step"] == passes | {"total": sum(passes.values())}
@@ -83,14 +86,17 @@ def test_gpu_script_dry_run(tmp_path):
     assert max(e2e["resume"]["max_abs_difference"].values()) <= 1e-6  # CPU: exact
     assert len(e2e["losses"]["loss_kl"]) == e2e["steps"]
     order = json.loads((tmp_path / "bench_order_dryrun.json").read_text())
-    check_report(order, ["bs2-gc_on-cache_off-dchunks2", "bs2-gc_on-cache_off-discriminator_first-dchunks2"])
+    check_report(order, ["bs2-gc_on-cache_off-dchunks2", "bs2-gc_on-cache_off-discriminator_first-dchunks2",
+                         "bs2-gc_on-cache_off-dchunks2-gchunks4"])  # the last: --memory_flags with checkpointing
     log = (tmp_path / "gpu_run.log").read_text()
     assert "diffusers 0." in log and log.count("== configurations: ") == 1
     # The GPU calls' own options, checked: the recipe and every configuration each call will run.
     checks = [line for line in log.splitlines() if line.startswith("[bench] check: sd15 ")]
     assert len(checks) == 3
-    assert checks[0].endswith(": " + ", ".join(f"bs16-gc_{g}-cache_off{o}{c}" for g in ("off", "on")
-                                              for o in ("", "-discriminator_first") for c in ("", "-dchunks2")))
+    recommended = {"off": ["bs16-gc_off-cache_off-discriminator_first-gchunks2"],  # memory_model.MEMORY_FLAGS
+                   "on": ["bs16-gc_on-cache_off-dchunks2-gchunks4"]}
+    assert checks[0].endswith(": " + ", ".join(name for g in ("off", "on") for name in [
+        f"bs16-gc_{g}-cache_off{o}{c}" for o in ("", "-discriminator_first") for c in ("", "-dchunks2")] + recommended[g]))
     assert "'channels_last': True" in checks[1] and checks[1].endswith(": bs16-gc_off-cache_off, bs16-gc_on-cache_off")
     assert "'torch_compile': True" in checks[2] and "'mixed_precision': 'fp16'" in checks[2]
 
@@ -108,6 +114,15 @@ def test_recipe_is_the_published_setting():
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--discriminator_chunks", "3"])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--generator_chunks", "0"])
+    assert exit_info.value.code == 2
+    # --memory_flags adds the recommended configuration once, not when the sweep already has it.
+    args = bench.parse_args(["--generator_chunks", "1", "4", "--discriminator_chunks", "2", "--gradient_checkpointing",
+                             "on", "--memory_flags"])
+    args.batch_size = [4]
+    assert [bench.config_name(*c) for c in bench.configurations(args)] == [
+        "bs4-gc_on-cache_off-dchunks2", "bs4-gc_on-cache_off-dchunks2-gchunks4"]
 
 
 def test_mfu_uses_the_models_flops_and_the_cards_peak():
@@ -121,7 +136,7 @@ def test_mfu_uses_the_models_flops_and_the_cards_peak():
     assert abs(bench.mfu_of(report, off) - off["flops_per_step"] / off["median_seconds_per_step"] / 989.4e12) < 1e-12
     assert abs(bench.mfu_of(report, on) - 0.1325) < 0.001
     table = bench.format_table(report)
-    assert "| MFU |" in table and "| 16 | on | off | generator_first | 1 | 0.993 |" in table and "13.3%" in table
+    assert "| MFU |" in table and "| 16 | on | off | generator_first | 1 | 1 | 0.993 |" in table and "13.3%" in table
 
 
 def test_failed_configuration_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):

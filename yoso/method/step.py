@@ -459,8 +459,10 @@ class YOSOTrainingStep:
                 gradient_checkpointing_disabled(self.discriminator_module):
             mean = None
             if cfg.gan_loss_reduction == "batch":
+                # On pred.detach(): a no-grad view of a leaf that requires grad trips torch's ModuleTracker
+                # (FlopCounterMode, the benchmark's FLOP count); same values.
                 with torch.no_grad():
-                    mean = torch.cat([self.discriminator_module(self._layout(pred[piece]), t[piece], c[piece])
+                    mean = torch.cat([self.discriminator_module(self._layout(pred.detach()[piece]), t[piece], c[piece])
                                       for piece in pieces]).mean()
             logits = []
             for piece in pieces:
