@@ -438,5 +438,7 @@ def test_quick_variant_health_scores_each_checkpoints_ema_and_draws_the_figure(q
         assert [p["step"] for p in entry["checkpoints"]] == [1, 2]
         assert all(math.isfinite(p["frechet"]) and p["images"] == 20 for p in entry["checkpoints"])
         assert [s for s, _ in entry["tracker"]["d_accuracy"]] == [1, 2]
+    # The teacher's line is scored on as many images as a checkpoint (the table's row has more).
+    assert payload["teacher_images"] == 20 and math.isfinite(payload["teacher_frechet"])
     assert (out / "figures" / "digits_quick_health.png").stat().st_size > 5000
     assert H.checkpoint_ema_state(run_dir / "checkpoint-2")["num_updates"] == 2

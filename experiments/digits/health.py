@@ -6,13 +6,18 @@ A checkpoint holds the raw LoRA in diffusers format and the EMA as a registered 
 names, shadow tensors); ``export_checkpoint_ema`` writes the EMA under the raw file's keys and metadata.
 """
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import torch
 
-from experiments.digits.evaluate import RowSpec
+from experiments.digits.evaluate import RowSpec, row_specs
+
+# The teacher scored on as many images as a checkpoint: the Fréchet distance's small-sample bias grows as the sample
+# shrinks, so the checkpoints' curves are read against this line, not the table's 1,000-image teacher row.
+HEALTH_TEACHER = "health_teacher"
 
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -64,7 +69,8 @@ def health_row_specs(out, trial_dir, runs, seeds):
                 name = f"health_{trial_dir.replace('/', '_')}_{run}_{seed}_{step}"
                 rows.append(RowSpec(name, f"{run}, seed {seed}, step {step}, EMA, 1 step", f"health_{run}", "base", "lcm",
                                     1, 1.0, lora))
-    return rows
+    teacher = next(r for r in row_specs(with_yoso=False) if r.name == "teacher")
+    return rows + [dataclasses.replace(teacher, name=HEALTH_TEACHER)]
 
 
 def tracker_scalars(run_dir, keys=("d_accuracy", "loss_adv", "d_grad_norm", "grad_norm", "ema_distance")):
@@ -82,9 +88,10 @@ def tracker_scalars(run_dir, keys=("d_accuracy", "loss_adv", "d_grad_norm", "gra
     return {k: sorted(v) for k, v in result.items()}
 
 
-def write_health_report(out, trial_dir, runs, seeds, results, figures_dir, prefix, command, teacher_frechet=None):
+def write_health_report(out, trial_dir, runs, seeds, results, figures_dir, prefix, command):
     """``<prefix>_health.json`` (per run and seed: D accuracy per step, 1-step EMA Fréchet distance and accuracy
-    per checkpoint) and ``<prefix>_health.png`` (one row per run: D accuracy over training, and 1-step quality)."""
+    per checkpoint; the teacher on as many images) and ``<prefix>_health.png`` (one row per run: D accuracy over
+    training, and 1-step quality)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +100,10 @@ def write_health_report(out, trial_dir, runs, seeds, results, figures_dir, prefi
     out, figures_dir = Path(out), Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)
     by_name = {r["name"]: r for r in results}
-    payload = {"command": command, "trial": trial_dir, "teacher_frechet": teacher_frechet, "runs": {}}
+    teacher = by_name.get(HEALTH_TEACHER)
+    teacher_frechet = teacher["frechet"] if teacher else None
+    payload = {"command": command, "trial": trial_dir, "teacher_frechet": teacher_frechet,
+               "teacher_images": teacher["images"] if teacher else None, "runs": {}}
     fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
     for i, run in enumerate(runs):
         payload["runs"][run] = {}
@@ -119,7 +129,7 @@ def write_health_report(out, trial_dir, runs, seeds, results, figures_dir, prefi
         axes[i, 0].axhline(0.5, color="grey", lw=0.8, ls=":")
         axes[i, 1].set(title=f"{run}: 1-step EMA Fréchet distance per checkpoint", xlabel="optimizer step")
         if teacher_frechet is not None:
-            axes[i, 1].axhline(teacher_frechet, color="grey", lw=0.8, ls="--", label="teacher")
+            axes[i, 1].axhline(teacher_frechet, color="grey", lw=0.8, ls="--", label="teacher, as many images")
         for ax in axes[i]:
             ax.legend(fontsize=7)
     fig.tight_layout()

@@ -461,10 +461,9 @@ def seeds_report(out, budget, args, figures, prefix, command):
         specs = H.health_row_specs(out, S.trial_dir(args.trial), runs, seeds)
         n = min(HEALTH_PER_DIGIT, budget["n_per_digit"])
         scored = E.evaluate_rows(out, specs, n, batch_size=budget["eval_batch"], quiet=args.quiet, device=args.device)
-        teacher = next((r["frechet"] for r in results if r["name"] == "teacher"), None)
         health_figures = Path(args.figures).resolve() if args.figures else (out / "figures" if args.quick else REPO / "figures")
         paths |= H.write_health_report(out, S.trial_dir(args.trial), runs, seeds, scored, health_figures, prefix,
-                                       command + " --health", teacher)
+                                       command + " --health")
     log("seeds report: " + ", ".join(paths.values()))
     return paths
 
