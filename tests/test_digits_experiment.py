@@ -150,6 +150,21 @@ def test_row_catalogue_covers_the_issue():
     assert RUN.FULL["yoso_runs"] == list(E.YOSO_RUNS)
 
 
+def test_released_recipe_budget_gives_the_released_flags(tmp_path):
+    """`--set` with RELEASED_RECIPE's entries trains what the earlier tables and the `baseline` trial trained:
+    480 steps at a constant learning rate (the script's default schedule), EMA 0.99."""
+    from train_yoso_lora import parse_args
+
+    budget = RUN.FULL | RUN.RELEASED_RECIPE
+    cmd = RUN.yoso_command(tmp_path, tmp_path / "yoso" / "main", budget, [], 0, "cpu")
+    args = parse_args(cmd[cmd.index(str(RUN.TRAIN_SCRIPT)) + 1:])
+    defaults = parse_args(["--pretrained_model_name_or_path", "x"])
+    assert (args.max_train_steps, args.ema_decay) == (480, 0.99)
+    assert (args.lr_scheduler, args.lr_warmup_steps) == (defaults.lr_scheduler, defaults.lr_warmup_steps) == ("constant", 500)
+    assert RUN.schedule_words(budget) == "constant"
+    assert RUN.schedule_words(RUN.FULL) == "cosine schedule, no warmup"
+
+
 def test_every_runs_command_parses_to_its_flags_in_the_training_script(tmp_path):
     from train_yoso_lora import parse_args
 
@@ -160,6 +175,7 @@ def test_every_runs_command_parses_to_its_flags_in_the_training_script(tmp_path)
         assert (args.max_train_steps, args.train_batch_size) == (budget["yoso_steps"], budget["yoso_batch"]), name
         assert (args.learning_rate, args.lora_rank, args.ema_decay) == (budget["yoso_lr"], budget["yoso_rank"],
                                                                         budget["yoso_ema_decay"]), name
+        assert (args.lr_scheduler, args.lr_warmup_steps) == ("cosine", 0), name
         assert args.use_ema and args.lambda_con == (0 if name == "no_consistency" else 2) and args.lambda_kl == 0.5
         assert args.kl_weighting == ("sample" if name in ("kl_sample", "old_defaults") else "batch"), name
         assert args.init_lora_weights == ("gaussian" if name == "old_defaults" else "default"), name
