@@ -416,13 +416,20 @@ def torch_equal(a, b):
     return torch.equal(a, b)
 
 
+def test_set_values_are_json_or_the_bare_word():
+    assert RUN.set_value("240") == 240 and RUN.set_value("0.995") == 0.995 and RUN.set_value("[32, 64]") == [32, 64]
+    assert RUN.set_value("constant") == "constant"
+
+
 def test_trial_flags_are_refused_in_one_line_before_any_work():
     script = str(REPO / "experiments" / "digits" / "run.py")
     for extra, needle in ((["--trial", "x"], "--trial needs --seeds"),
                           (["--yoso_flags=--ema_warmup"], "--yoso_flags needs --trial"),
                           (["--seeds", "0", "--trial", "a/b"], "--trial 'a/b'"),
                           (["--seeds", "0", "--trial", "t", "--yoso_flags=--no_such_flag"], "has no flag --no_such_flag"),
-                          (["--seeds", "0", "--trial", "t", "--set", "unet_steps=3"], "--set unet_steps")):
+                          (["--seeds", "0", "--trial", "t", "--set", "unet_steps=3"], "--set unet_steps"),
+                          (["--set", "yoso_lr_scheduler=no_such_schedule"], "--set yoso_lr_scheduler=no_such_schedule"),
+                          (["--set", "yoso_steps=many"], "--set yoso_steps=many")):
         proc = subprocess.run([sys.executable, script, "--quick", "--out", "/nonexistent/never", *extra], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr and proc.stdout == "", (extra, proc.stderr)

@@ -147,6 +147,14 @@ def write_prompts(path):
     return len(prompts)
 
 
+def set_value(text):
+    """A ``--set KEY=VALUE`` value: JSON (numbers, lists) or, failing that, the bare word (``constant``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def schedule_words(budget):
     """The learning-rate schedule of the YOSO runs, in words for the table's notes."""
     name, warmup = budget["yoso_lr_scheduler"], budget["yoso_lr_warmup_steps"]
@@ -387,10 +395,17 @@ def main(argv=None):
         key, _, value = item.partition("=")
         if key not in budget:
             p.error(f"--set {item}: unknown budget entry {key!r} (known: {', '.join(budget)})")
+        budget[key] = set_value(value)
+    if any(item.startswith("yoso_") for item in args.set):
+        # The YOSO entries become train_yoso_lora.py flags: its parser judges them now, not after the base trains.
+        from train_yoso_lora import build_parser
+
+        cmd = yoso_command(Path("OUT"), Path("OUT/run"), budget, [], args.seed, args.device)
         try:
-            budget[key] = json.loads(value)
-        except json.JSONDecodeError:  # a bare word: yoso_lr_scheduler=constant
-            budget[key] = value
+            build_parser().parse_args(cmd[cmd.index(str(TRAIN_SCRIPT)) + 1:])
+        except SystemExit:
+            p.error(f"--set {' '.join(i for i in args.set if i.startswith('yoso_'))}: train_yoso_lora.py refuses "
+                    "the budget (see the line above)")
     out = Path(args.out or REPO / "experiments" / "digits" / "runs" / variant).resolve()
     figures = Path(args.figures or (out / "figures" if args.quick else REPO / "figures")).resolve()
     prefix = "digits" if not args.quick else "digits_quick"
