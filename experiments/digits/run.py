@@ -194,7 +194,7 @@ def yoso_command(out, run_dir, budget, extra, seed, device):
         "--train_batch_size", str(budget["yoso_batch"]),
         "--max_train_steps", str(budget["yoso_steps"]),
         "--learning_rate", str(budget["yoso_lr"]),
-        "--lr_scheduler", budget["yoso_lr_scheduler"], "--lr_warmup_steps", str(budget["yoso_lr_warmup_steps"]),
+        "--lr_scheduler", str(budget["yoso_lr_scheduler"]), "--lr_warmup_steps", str(budget["yoso_lr_warmup_steps"]),
         "--lora_rank", str(budget["yoso_rank"]),
         "--lora_alpha", str(budget["yoso_alpha"]),
         "--use_ema", "--ema_decay", str(budget["yoso_ema_decay"]),
