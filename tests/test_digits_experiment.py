@@ -429,7 +429,9 @@ def test_trial_flags_are_refused_in_one_line_before_any_work():
                           (["--seeds", "0", "--trial", "t", "--yoso_flags=--no_such_flag"], "has no flag --no_such_flag"),
                           (["--seeds", "0", "--trial", "t", "--set", "unet_steps=3"], "--set unet_steps"),
                           (["--set", "yoso_lr_scheduler=no_such_schedule"], "--set yoso_lr_scheduler=no_such_schedule"),
-                          (["--set", "yoso_steps=many"], "--set yoso_steps=many")):
+                          (["--set", "yoso_steps=many"], "--set yoso_steps=many"),
+                          (["--seeds", "0", "--trial", "t", "--yoso_flags=--ema_decay abc"],
+                           "--yoso_flags --ema_decay abc: train_yoso_lora.py refuses them")):
         proc = subprocess.run([sys.executable, script, "--quick", "--out", "/nonexistent/never", *extra], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr and proc.stdout == "", (extra, proc.stderr)

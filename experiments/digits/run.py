@@ -46,7 +46,7 @@ FULL = {
     "unet_ema_decay": 0.998,
     # The recipe chosen by the trials in experiments/digits/README.md ("Recipe trials"): cosine decay of the
     # learning rate to 0 over 240 steps, no warmup, EMA decay 0.995. The released recipe at this scale (constant
-    # learning rate, 480 steps, EMA 0.99) is the `baseline` trial's budget, see RELEASED_RECIPE.
+    # learning rate, 480 steps, EMA 0.99), the table's until then, is RELEASED_RECIPE.
     "yoso_steps": 240, "yoso_batch": 16, "yoso_lr": 5e-4, "yoso_rank": 16, "yoso_alpha": 16, "yoso_ema_decay": 0.995,
     "yoso_lr_scheduler": "cosine", "yoso_lr_warmup_steps": 0,
     "yoso_runs": ["main", "real_data", "mse_consistency", "kl_sample", "old_defaults", "sample_reduction", "no_adversarial",
@@ -378,16 +378,6 @@ def main(argv=None):
         args.yoso_flags = shlex.split(args.yoso_flags)
     except ValueError as error:
         p.error(f"--yoso_flags: {error}")
-    if args.yoso_flags:
-        from train_yoso_lora import build_parser
-
-        parser = build_parser()
-        try:
-            unknown = parser.parse_known_args(["--pretrained_model_name_or_path", "x"] + args.yoso_flags)[1]
-        except SystemExit:
-            p.error(f"--yoso_flags {' '.join(args.yoso_flags)}: train_yoso_lora.py refuses them (see the line above)")
-        if unknown:
-            p.error(f"--yoso_flags: train_yoso_lora.py has no flag {unknown[0]}")
 
     variant = "quick" if args.quick else "full"
     budget = dict(QUICK if args.quick else FULL)
@@ -396,16 +386,21 @@ def main(argv=None):
         if key not in budget:
             p.error(f"--set {item}: unknown budget entry {key!r} (known: {', '.join(budget)})")
         budget[key] = set_value(value)
-    if any(item.startswith("yoso_") for item in args.set):
-        # The YOSO entries become train_yoso_lora.py flags: its parser judges them now, not after the base trains.
+    yoso_sets = [item for item in args.set if item.startswith("yoso_")]
+    if yoso_sets or args.yoso_flags:
+        # The budget's YOSO entries and a trial's flags become train_yoso_lora.py arguments: its own parser judges
+        # the whole command now, not after the base model has trained.
         from train_yoso_lora import build_parser
 
-        cmd = yoso_command(Path("OUT"), Path("OUT/run"), budget, [], args.seed, args.device)
+        cmd = yoso_command(Path("OUT"), Path("OUT/run"), budget, list(args.yoso_flags), args.seed, args.device)
+        given = " ".join([f"--set {' '.join(yoso_sets)}"] * bool(yoso_sets)
+                         + [f"--yoso_flags {' '.join(args.yoso_flags)}"] * bool(args.yoso_flags))
         try:
-            build_parser().parse_args(cmd[cmd.index(str(TRAIN_SCRIPT)) + 1:])
+            unknown = build_parser().parse_known_args(cmd[cmd.index(str(TRAIN_SCRIPT)) + 1:])[1]
         except SystemExit:
-            p.error(f"--set {' '.join(i for i in args.set if i.startswith('yoso_'))}: train_yoso_lora.py refuses "
-                    "the budget (see the line above)")
+            p.error(f"{given}: train_yoso_lora.py refuses them (see the line above)")
+        if unknown:  # only a trial's flags can hold one: every budget entry maps to a known flag
+            p.error(f"--yoso_flags: train_yoso_lora.py has no flag {unknown[0]}")
     out = Path(args.out or REPO / "experiments" / "digits" / "runs" / variant).resolve()
     figures = Path(args.figures or (out / "figures" if args.quick else REPO / "figures")).resolve()
     prefix = "digits" if not args.quick else "digits_quick"
